@@ -1,0 +1,1 @@
+"""Shared, model-agnostic tensor utilities (never imports vaegen or ddpm)."""

@@ -1,0 +1,62 @@
+"""Command-line plumbing shared by every tool: one-line errors and checked flag types.
+
+Bad input never ends in a traceback: code raises `UserError`, and `user_errors` turns it
+into `error: <message>` on stderr and exit code 2 (the code argparse uses for bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (a path, a flag, a file), not a bug."""
+
+
+def user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a CLI `main(argv)` so a `UserError` exits with one line and status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def _bounded(cast: Callable[[str], Any], low: float | None, high: float | None, what: str):
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse shows this name in its messages
+    return parse
+
+
+positive_int = _bounded(int, 1, None, "an integer >= 1")
+nonneg_int = _bounded(int, 0, None, "an integer >= 0")
+positive_float = _bounded(float, 1e-300, None, "a number > 0")
+nonneg_float = _bounded(float, 0.0, None, "a number >= 0")
+unit_float = _bounded(float, 0.0, 1.0, "a number in [0, 1]")
+digit = _bounded(int, 0, 9, "a digit 0-9")
+
+
+def digit_list(text: str) -> list[int]:
+    """Parse `--labels 0,1,2` into digits 0-9."""
+    return [digit(part.strip()) for part in text.split(",") if part.strip()]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults in --help and keep the description's line breaks."""

@@ -1,0 +1,151 @@
+"""MNIST, held in memory as uint8 tensors, and the pixel-range conventions.
+
+Where the files are looked for, in order: `--data-dir`, `$MNIST_DIR`, `./data`. Each is a
+torchvision root, i.e. the four raw IDX files sit in `<root>/MNIST/raw/`. If none has them,
+we try to download into the first candidate; if that fails, a UserError names what was
+searched. The whole split is one uint8 tensor [N, 1, H, W] and batches are index slices:
+on 2 CPU cores a per-item DataLoader with PIL transforms would cost more than a VAE epoch.
+
+Pixel conventions (conversions live here only): uint8 0..255; the VAE sees [0, 1]
+(`to_unit`), the DDPM sees [-1, 1] (`to_signed`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.cli import UserError
+
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """The roots searched, highest priority first: --data-dir, $MNIST_DIR, ./data."""
+    dirs = [data_dir, os.environ.get("MNIST_DIR") or None, "data"]
+    return [Path(d) for d in dirs if d is not None]
+
+
+def has_mnist(root: Path) -> bool:
+    return all((root / "MNIST" / "raw" / name).is_file() for name in RAW_FILES)
+
+
+def find_mnist(data_dir: str | Path | None = None, download: bool = True) -> Path:
+    """Return the torchvision root that holds MNIST, downloading it if allowed and possible."""
+    dirs = candidate_dirs(data_dir)
+    for root in dirs:
+        if has_mnist(root):
+            return root
+    if download:
+        from torchvision.datasets import MNIST
+
+        try:
+            MNIST(root=str(dirs[0]), train=True, download=True)
+            MNIST(root=str(dirs[0]), train=False, download=True)
+        except Exception:
+            pass  # offline: fall through to the message below
+        if has_mnist(dirs[0]):
+            return dirs[0]
+    searched = ", ".join(str(d / "MNIST" / "raw") for d in dirs)
+    raise UserError(
+        f"MNIST not found (searched {searched}; download {'failed' if download else 'off'}). "
+        f"Place the four raw IDX files {', '.join(RAW_FILES)} in <dir>/MNIST/raw/ and pass "
+        "--data-dir <dir> or set MNIST_DIR=<dir>"
+    )
+
+
+def load_mnist(
+    train: bool = True,
+    data_dir: str | Path | None = None,
+    image_size: int = 28,
+    download: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (images uint8 [N, 1, S, S], labels int64 [N])."""
+    from torchvision.datasets import MNIST
+
+    root = find_mnist(data_dir, download)
+    try:
+        ds = MNIST(root=str(root), train=train, download=False)
+    except Exception as e:  # truncated or foreign files in the right place
+        raise UserError(f"could not read MNIST in {root / 'MNIST' / 'raw'}: {e}") from None
+    images = ds.data.unsqueeze(1).contiguous()  # [N, 1, 28, 28] uint8
+    labels = ds.targets.long()
+    if image_size != images.shape[-1]:
+        images = resize(images, image_size)
+    return images, labels
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 images [N, 1, H, W] -> [N, 1, size, size]."""
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def batch_indices(
+    n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True
+) -> Iterator[torch.Tensor]:
+    """Shuffled index batches for one epoch; the order depends only on (seed, epoch).
+
+    That makes runs reproducible and lets `--resume` continue with exactly the data order
+    an uninterrupted run would have seen.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float [0, 1] (the VAE's Bernoulli targets)."""
+    return images.float() / 255.0
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float [-1, 1] (the DDPM's data space)."""
+    return images.float() / 127.5 - 1.0
+
+
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] -> uint8 0..255 (rounded, clamped)."""
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def signed_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 0..255 (rounded, clamped)."""
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def write_idx(path: str | Path, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (the MNIST format: magic, dims, big-endian sizes).
+
+    Used by tests and tutorials to make tiny synthetic MNIST folders.
+    """
+    array = array.to(torch.uint8).contiguous()
+    header = bytes([0, 0, 0x08, array.dim()])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    Path(path).write_bytes(header + array.numpy().tobytes())
+
+
+def write_fake_mnist(root: str | Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> Path:
+    """A tiny synthetic MNIST in torchvision layout under `root` (digit-dependent blobs)."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 40, (n, 28, 28), generator=g)
+        for i, y in enumerate(labels.tolist()):  # a bright bar whose place encodes the digit
+            images[i, 4 + 2 * y : 6 + 2 * y, 6:22] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return Path(root)

@@ -1,0 +1,69 @@
+"""Figures: image grids (torchvision's make_grid) and training curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
+    """Save images as one PNG grid.
+
+    images: uint8 [N, H, W] or [N, 1, H, W] in 0..255, or float in [0, 1].
+    """
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=nrow, padding=pad, pad_value=1.0)
+
+
+def save_digit_grid(
+    images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_digit: int | None = None
+) -> None:
+    """One row per digit 0..9 (images grouped by label), up to `per_digit` per row."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    rows = [images[labels == d] for d in range(10)]
+    width = per_digit or max(len(r) for r in rows)
+    blank = torch.zeros_like(images[:1]) if images.dtype != torch.uint8 else images[:1] * 0
+    padded = []
+    for r in rows:
+        r = r[:width]
+        padded.append(torch.cat([r, blank.expand(width - len(r), *blank.shape[1:])]))
+    save_grid(torch.cat(padded), path, nrow=width)
+
+
+def plot_curves(
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logy: bool = False,
+) -> None:
+    """Line plot of one or more series against `x`, saved as PNG."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, ys in series.items():
+        ax.plot(list(x)[: len(ys)], list(ys), label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Variational autoencoder (Kingma & Welling 2013) on MNIST."""
