@@ -1,0 +1,424 @@
+"""Diffusion math against closed forms, with analytic 'oracle' eps-models instead of a network.
+
+For data that is one point c, the optimal predictor is eps*(xt, t) = (xt - sqrt(a_t) c)/sqrt(1 - a_t);
+for data N(m, s^2) per pixel it is E[eps | xt] = sqrt(1 - a_t) / (a_t s^2 + 1 - a_t) (xt - sqrt(a_t) m),
+with a_t = alpha_bar_t. Both make the samplers and the bound checkable without training.
+"""
+
+import pytest
+import torch
+
+from common.tensor import extract
+from ddpm.diffusion import GaussianDiffusion, guided_eps
+from ddpm.schedule import cosine_betas
+
+F64 = torch.float64
+T = 1000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def diff() -> GaussianDiffusion:
+    return GaussianDiffusion(cosine_betas(T))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def alpha_bar(diff, t, x):
+    return extract(diff.alpha_bar.to(x.dtype), t, x.shape)
+
+
+def point_oracle(diff, c):
+    def eps_model(xt, t, y):
+        a = alpha_bar(diff, t, xt)
+        return (xt - a.sqrt() * c) / (1 - a).sqrt()
+
+    return eps_model
+
+
+def gaussian_oracle(diff, m, s):
+    def eps_model(xt, t, y):
+        a = alpha_bar(diff, t, xt)
+        return (1 - a).sqrt() / (a * s**2 + 1 - a) * (xt - a.sqrt() * m)
+
+    return eps_model
+
+
+def toy_model(xt, t, y):
+    """Some smooth non-oracle predictor, so that paths depend on the noise."""
+    out = 0.7 * torch.tanh(xt) + 1e-3 * t.to(xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
+    if y is not None:
+        out = out + 0.05 * y.to(xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
+    return out
+
+
+def point(shape=(1, 1, 4, 4), seed=0):
+    """A point c in [-1, 1]^d that includes both corners."""
+    c = torch.rand(shape, generator=gen(seed), dtype=F64) * 2 - 1
+    c.view(-1)[0], c.view(-1)[1] = -1.0, 1.0
+    return c
+
+
+# ------------------------------------------------------------------ forward process, posterior
+def test_arrays_float64_and_consistent(diff):
+    for name in ("betas", "alphas", "alpha_bar", "alpha_bar_prev", "posterior_variance",
+                 "posterior_log_variance_clipped", "posterior_mean_coef_x0", "posterior_mean_coef_xt"):
+        a = getattr(diff, name)
+        assert a.dtype == F64 and a.shape == (T,), name
+    assert diff.alpha_bar_prev[0] == 1 and torch.equal(diff.alpha_bar_prev[1:], diff.alpha_bar[:-1])
+    assert torch.allclose(diff.alpha_bar, torch.cumprod(1 - diff.betas, 0), rtol=1e-14, atol=0)
+
+
+def test_q_sample_moments(diff):
+    n = 20000
+    c = point((1, 8))
+    ts = [0, 10, 250, 500, 999]
+    x0 = c.expand(n * len(ts), 8)
+    t = torch.tensor(ts).repeat_interleave(n)
+    eps = torch.randn(x0.shape, generator=gen(1), dtype=F64)
+    xt = diff.q_sample(x0, t, eps).view(len(ts), n, 8)
+    for i, ti in enumerate(ts):
+        a = diff.alpha_bar[ti]
+        sd = (1 - a).sqrt()
+        assert torch.allclose(xt[i].mean(0), a.sqrt() * c[0], atol=5 * sd.item() / n**0.5, rtol=0)
+        assert torch.allclose(xt[i].var(0), (1 - a).expand(8), rtol=5 * (2 / n) ** 0.5, atol=0)
+
+
+def test_predict_x0_inverts_q_sample(diff):
+    x0 = torch.rand(T, 1, 3, 3, generator=gen(2), dtype=F64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=gen(3), dtype=F64)
+    t = torch.arange(T)
+    xt = diff.q_sample(x0, t, eps)
+    assert torch.allclose(diff.predict_x0(xt, t, eps), x0, atol=1e-9, rtol=0)
+    assert torch.allclose(diff.predict_eps(xt, t, x0), eps, atol=1e-9, rtol=0)
+    # int t means the whole batch at that step
+    assert torch.equal(diff.q_sample(x0, 7, eps), diff.q_sample(x0, torch.full((T,), 7), eps))
+
+
+def test_posterior_mean_equals_eps_form(diff):
+    # Ho eq. 11: mu_tilde(x0(xt, eps), xt) = (xt - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
+    x0 = torch.rand(T, 1, 3, 3, generator=gen(4), dtype=F64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=gen(5), dtype=F64)
+    t = torch.arange(T)
+    xt = diff.q_sample(x0, t, eps)
+    mean, _, _ = diff.q_posterior(diff.predict_x0(xt, t, eps), xt, t)
+    beta, alpha, a = (extract(v, t, xt.shape) for v in (diff.betas, diff.alphas, diff.alpha_bar))
+    eps_form = (xt - beta / (1 - a).sqrt() * eps) / alpha.sqrt()
+    assert torch.allclose(mean, eps_form, atol=1e-9, rtol=1e-9)
+    # and p_mean_variance without clipping is exactly that mean
+    p_mean, *_ = diff.p_mean_variance(eps, t, xt, clip=False)
+    assert torch.allclose(p_mean, eps_form, atol=1e-9, rtol=1e-9)
+
+
+def test_posterior_is_bayes_rule(diff):
+    # q(x_{t-1}|xt,x0) ∝ N(xt; sqrt(alpha_t) x_{t-1}, beta_t) N(x_{t-1}; sqrt(ab_{t-1}) x0, 1 - ab_{t-1})
+    t = torch.arange(1, T)
+    x0 = torch.rand(T - 1, 1, 2, 2, generator=gen(6), dtype=F64) * 2 - 1
+    xt = torch.randn(x0.shape, generator=gen(7), dtype=F64)
+    beta, alpha, abp = (extract(v, t, xt.shape) for v in (diff.betas, diff.alphas, diff.alpha_bar_prev))
+    precision = alpha / beta + 1 / (1 - abp)
+    mean_bayes = (alpha.sqrt() / beta * xt + abp.sqrt() / (1 - abp) * x0) / precision
+    mean, var, log_var = diff.q_posterior(x0, xt, t)
+    assert torch.allclose(mean, mean_bayes, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(var, 1 / precision, rtol=1e-9, atol=0)
+    assert torch.allclose(log_var, var.log(), rtol=1e-12, atol=1e-12)
+
+
+def test_posterior_variance(diff):
+    pv, beta = diff.posterior_variance, diff.betas
+    assert pv[0] == 0
+    assert bool((pv >= 0).all()) and bool((pv <= beta).all())
+    assert torch.allclose(pv, (1 - diff.alpha_bar_prev) / (1 - diff.alpha_bar) * beta, rtol=1e-14, atol=0)
+    x = torch.zeros(3, 1, 2, 2, dtype=F64)
+    _, var0, log_var0 = diff.q_posterior(x, x, torch.zeros(3, dtype=torch.long))
+    assert bool((var0 == 0).all()) and torch.isfinite(log_var0).all()  # log-variance clipped to beta_tilde_1
+    assert torch.allclose(log_var0, pv[1].log().expand_as(log_var0))
+
+
+# ---------------------------------------------------------------------------- single steps
+def test_p_step_adds_no_noise_at_t0(diff):
+    xt = torch.randn(4, 1, 3, 3, generator=gen(8), dtype=F64)
+    eps = torch.randn(xt.shape, generator=gen(9), dtype=F64)
+    big = torch.full_like(xt, 1e6)
+    out = diff.p_step(eps, 0, xt, big)
+    assert torch.equal(out, diff.p_step(eps, 0, xt, torch.zeros_like(xt)))
+    # at t = 0 the posterior mean is x0_hat itself (clipped)
+    assert torch.allclose(out, diff.predict_x0(xt, 0, eps).clamp(-1, 1), atol=1e-12)
+    # at t > 0 the noise enters with std sqrt(beta_tilde_t)
+    noise = torch.randn(xt.shape, generator=gen(10), dtype=F64)
+    diff_noise = diff.p_step(eps, 500, xt, noise) - diff.p_step(eps, 500, xt, torch.zeros_like(xt))
+    assert torch.allclose(diff_noise, diff.posterior_variance[500].sqrt() * noise, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_eta1_is_the_ddpm_step(diff, clip):
+    xt = torch.randn(6, 1, 3, 3, generator=gen(11), dtype=F64) * 2
+    eps = toy_model(xt, torch.zeros(6, dtype=torch.long), None)
+    noise = torch.randn(xt.shape, generator=gen(12), dtype=F64)
+    t = torch.tensor([0, 1, 2, 300, 998, 999])
+    ddim = diff.ddim_step(eps, t, t - 1, xt, eta=1.0, noise=noise, clip=clip)
+    assert torch.allclose(ddim, diff.p_step(eps, t, xt, noise, clip=clip), atol=1e-9, rtol=1e-9)
+
+
+def test_full_ddpm_coefficients_are_ho_eq7(diff):
+    coefs = diff.sampling_coefficients(diff.timesteps(), "ddpm")
+    a, b, c, d, sigma = coefs.flip(0).T  # back to ascending t
+    assert torch.allclose(a, diff.alpha_bar.rsqrt(), rtol=1e-12)
+    assert torch.allclose(c, diff.posterior_mean_coef_x0, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(d, diff.posterior_mean_coef_xt, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(sigma**2, diff.posterior_variance, rtol=1e-9, atol=1e-15)
+
+
+def test_timesteps(diff):
+    assert torch.equal(diff.timesteps(), torch.arange(T - 1, -1, -1))
+    for steps in (2, 10, 50, 333, 999):
+        ts = diff.timesteps(steps)
+        assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0
+        assert bool((ts[1:] < ts[:-1]).all())
+        gaps = ts[:-1] - ts[1:]
+        assert gaps.max() - gaps.min() <= 1  # evenly spaced up to rounding
+    assert torch.equal(diff.timesteps(1), torch.tensor([T - 1]))
+    with pytest.raises(ValueError):
+        diff.timesteps(T + 1)
+
+
+# ------------------------------------------------------------------------------- samplers
+def test_sample_ddpm_is_the_p_step_loop(diff):
+    shape = (3, 1, 2, 2)
+    steps = T
+    out = diff.sample(toy_model, None, shape, "ddpm", generator=gen(13), progress=False, dtype=F64)
+    g = gen(13)
+    x = torch.randn(shape, generator=g, dtype=F64)
+    for t in diff.timesteps(steps).tolist():
+        t_b = torch.full((shape[0],), t)
+        noise = torch.randn(shape, generator=g, dtype=F64) if t > 0 else None
+        x = diff.p_step(toy_model(x, t_b, None), t_b, x, noise)
+    assert torch.allclose(out, x, atol=1e-9)
+
+
+def test_sample_ddim_is_the_ddim_step_loop(diff):
+    shape = (3, 1, 2, 2)
+    y = torch.tensor([1, 5, 9])
+    out = diff.sample(toy_model, y, shape, "ddim", steps=20, eta=0.5, generator=gen(14),
+                      progress=False, dtype=F64)
+    g = gen(14)
+    x = torch.randn(shape, generator=g, dtype=F64)
+    ts = diff.timesteps(20).tolist()
+    for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
+        t_b = torch.full((3,), t)
+        noise = torch.randn(shape, generator=g, dtype=F64) if t_prev >= 0 else None
+        x = diff.ddim_step(toy_model(x, t_b, y), t_b, t_prev, x, eta=0.5, noise=noise)
+    assert torch.allclose(out, x, atol=1e-9)
+
+
+def test_strided_ddpm_equals_ddim_eta1(diff):
+    kw = dict(y=None, shape=(4, 1, 2, 2), steps=25, progress=False, dtype=F64)
+    a = diff.sample(toy_model, sampler="ddpm", generator=gen(15), **kw)
+    b = diff.sample(toy_model, sampler="ddim", eta=1.0, generator=gen(15), **kw)
+    assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 1000), ("ddim", 50), ("ddim", 10)])
+def test_point_oracle_returns_the_point(diff, sampler, steps):
+    c = point()
+    out = diff.sample(point_oracle(diff, c), None, (16, 1, 4, 4), sampler, steps=steps,
+                      generator=gen(16), progress=False, dtype=F64)
+    assert (out - c).abs().max().item() < 1e-3
+
+
+def test_ddim_eta0_is_deterministic(diff):
+    xT = torch.randn(5, 1, 4, 4, generator=gen(17), dtype=F64)
+    kw = dict(y=None, sampler="ddim", steps=30, eta=0.0, xT=xT, progress=False)
+    a = diff.sample(toy_model, generator=gen(1), **kw)
+    b = diff.sample(toy_model, generator=gen(2), **kw)
+    assert torch.equal(a, b)
+    # while DDPM from the same xT depends on the step noise
+    kw.update(sampler="ddpm")
+    assert not torch.allclose(diff.sample(toy_model, generator=gen(1), **kw),
+                              diff.sample(toy_model, generator=gen(2), **kw))
+
+
+@pytest.mark.parametrize(("sampler", "steps", "tol"), [("ddpm", 1000, 0.02), ("ddim", 50, 0.05)])
+def test_gaussian_oracle_matches_data_distribution(diff, sampler, steps, tol):
+    # 65536 draws: Monte Carlo error ~0.4% (mean) and ~0.3% (std), well below the tolerances.
+    # Exact values (propagating mean and variance through the linear steps): DDPM std -0.4 %,
+    # DDIM 50 steps -3.1 %, DDIM 10 steps -16 %: deterministic few-step DDIM shrinks the spread.
+    m, s = 0.5, 0.5
+    out = diff.sample(gaussian_oracle(diff, m, s), None, (4096, 1, 4, 4), sampler, steps=steps,
+                      generator=gen(18), progress=False, clip=False, dtype=F64)
+    assert abs(out.mean().item() - m) < tol * m
+    assert abs(out.std().item() - s) < tol * s
+
+
+# ------------------------------------------------------------------- guidance, API details
+def test_guidance_zero_is_conditional():
+    x = torch.randn(4, 1, 3, 3, generator=gen(19))
+    t = torch.tensor([0, 5, 50, 500])
+    y = torch.tensor([0, 3, 7, 9])
+    assert torch.equal(guided_eps(toy_model, x, t, y, 0.0), toy_model(x, t, y))
+    w = 2.5
+    expected = (1 + w) * toy_model(x, t, y) - w * toy_model(x, t, torch.full_like(y, 10))
+    assert torch.allclose(guided_eps(toy_model, x, t, y, w), expected, atol=1e-5)
+
+
+def test_sample_guidance_one_batched_call(diff):
+    calls = []
+
+    def model(xt, t, y):
+        calls.append((xt.shape[0], t.shape[0], None if y is None else y.clone()))
+        return toy_model(xt, t, y)
+
+    y = torch.tensor([2, 4, 6])
+    w = 1.5
+    kw = dict(shape=(3, 1, 2, 2), sampler="ddim", steps=8, progress=False, dtype=F64)
+    out = diff.sample(model, y, guidance=w, generator=gen(20), **kw)
+    assert len(calls) == 8
+    assert all(n == 6 and nt == 6 and torch.equal(yy, torch.tensor([2, 4, 6, 10, 10, 10]))
+               for n, nt, yy in calls)
+
+    def explicit(xt, t, yy):  # the guided model written out, as its own callable
+        return (1 + w) * toy_model(xt, t, yy) - w * toy_model(xt, t, torch.full_like(yy, 10))
+
+    assert torch.allclose(out, diff.sample(explicit, y, generator=gen(20), **kw), atol=1e-9)
+    # w = 0: the conditional model alone, one call of batch B per step
+    calls.clear()
+    out0 = diff.sample(model, y, guidance=0.0, generator=gen(20), **kw)
+    assert len(calls) == 8 and all(n == 3 for n, _, _ in calls)
+    assert torch.equal(out0, diff.sample(toy_model, y, generator=gen(20), **kw))
+    # null_label is configurable
+    calls.clear()
+    diff.sample(model, y, guidance=w, null_label=0, generator=gen(20), **kw)
+    assert torch.equal(calls[0][2], torch.tensor([2, 4, 6, 0, 0, 0]))
+
+
+def test_sample_shapes_range_and_unconditional(diff):
+    seen = []
+
+    def model(xt, t, y):
+        seen.append(y)
+        return toy_model(xt, t, y)
+
+    y = torch.tensor([0, 1])
+    out = diff.sample(model, y, steps=3, progress=False)
+    assert out.shape == (2, 1, 28, 28) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    seen.clear()
+    out = diff.sample(model, None, shape=(3, 1, 8, 8), sampler="ddim", steps=4, guidance=2.0, progress=False)
+    assert out.shape == (3, 1, 8, 8) and all(s is None for s in seen) and len(seen) == 4
+    with pytest.raises(ValueError):
+        diff.sample(model, None, progress=False)
+    with pytest.raises(ValueError):
+        diff.sample(model, y, shape=(3, 1, 8, 8), progress=False)
+    with pytest.raises(ValueError):
+        diff.sample(model, y, sampler="euler", progress=False)
+
+
+def test_sample_trajectory(diff):
+    out, traj = diff.sample(toy_model, None, (2, 1, 4, 4), "ddim", steps=5, generator=gen(21),
+                            progress=False, return_trajectory=True)
+    assert [t for t, _ in traj] == diff.timesteps(5).tolist() + [-1]
+    assert torch.equal(traj[-1][1], out)
+    assert torch.equal(traj[0][1], torch.randn(2, 1, 4, 4, generator=gen(21)))  # xT
+    assert all(x.shape == (2, 1, 4, 4) for _, x in traj)
+
+
+def test_sample_determinism_under_generator(diff):
+    y = torch.tensor([3, 8])
+    kw = dict(shape=(2, 1, 6, 6), steps=20, progress=False)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)):
+        a = diff.sample(toy_model, y, sampler=sampler, eta=eta, generator=gen(22), **kw)
+        b = diff.sample(toy_model, y, sampler=sampler, eta=eta, generator=gen(22), **kw)
+        c = diff.sample(toy_model, y, sampler=sampler, eta=eta, generator=gen(23), **kw)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------ objectives
+def test_loss(diff):
+    c = point()
+    x0 = c.expand(256, 1, 4, 4)
+    assert diff.loss(point_oracle(diff, c), x0, None, generator=gen(24)).item() < 1e-18
+    zero = diff.loss(lambda xt, t, y: torch.zeros_like(xt), c.expand(4096, 1, 4, 4), None, generator=gen(25))
+    assert zero.item() == pytest.approx(1.0, abs=0.02)  # E ||eps||^2 / d = 1
+    per = diff.loss(toy_model, x0, None, generator=gen(26), reduction="none")
+    assert per.shape == (256,)
+    assert torch.equal(per.mean(), diff.loss(toy_model, x0, None, generator=gen(26)))
+    # gradients reach the model; t covers 0..T-1 including the last step
+    p = torch.zeros((), requires_grad=True)
+    diff.loss(lambda xt, t, y: p * xt, x0, None, generator=gen(27)).backward()
+    assert p.grad is not None and p.grad != 0
+    seen = []
+    many = c.expand(20000, 1, 4, 4).float()
+    diff.loss(lambda xt, t, y: seen.append(t) or xt, many, None, generator=gen(28))
+    assert seen[0].min() == 0 and seen[0].max() == T - 1
+
+
+@pytest.fixture(scope="module")
+def grid_point():
+    """Single-point data on the 256-level pixel grid, as a batch of 4 identical images."""
+    k = torch.randint(0, 256, (1, 1, 4, 4), generator=gen(29))
+    k.view(-1)[0], k.view(-1)[1] = 0, 255
+    c = k.to(F64) / 127.5 - 1
+    return c, c.expand(4, 1, 4, 4).contiguous()
+
+
+def test_vlb_oracle_vs_zero_predictor(diff, grid_point):
+    c, x0 = grid_point
+    opt = diff.vlb_bits_per_dim(point_oracle(diff, c), x0, None, generator=gen(30))
+    zero = diff.vlb_bits_per_dim(lambda xt, t, y: torch.zeros_like(xt), x0, None, generator=gen(30))
+    for r in (opt, zero):
+        assert r["terms"].shape == (4, T)
+        assert r["total"].shape == r["prior"].shape == r["decoder"].shape == (4,)
+        assert bool((r["terms"] >= 0).all())
+        assert bool((r["prior"] >= 0).all()) and bool((r["prior"] < 1e-6).all())
+        assert torch.allclose(r["total"], r["prior"] + r["terms"].sum(1))
+        assert torch.equal(r["decoder"], r["terms"][:, 0])
+    assert opt["terms"][:, 1:].max().item() < 1e-9  # x0_hat = x0 exactly: the KLs vanish
+    assert bool((opt["total"] < 0.1 * zero["total"]).all())
+
+
+def test_vlb_decoder_and_chunking(diff, grid_point):
+    c, x0 = grid_point
+    oracle = point_oracle(diff, c)
+    r = diff.vlb_bits_per_dim(oracle, x0, None, t_batch=7, generator=gen(31))
+    # with x0_hat = c the decoder is the discretized N(c, beta_tilde_1) mass of c's own bin
+    normal = torch.distributions.Normal(c, diff.posterior_variance[1].sqrt())
+    upper = torch.where(c > 0.999, torch.ones_like(c), normal.cdf(c + 1 / 255))
+    lower = torch.where(c < -0.999, torch.zeros_like(c), normal.cdf(c - 1 / 255))
+    bits = -(upper - lower).log2().mean()
+    assert torch.allclose(r["decoder"], bits.expand(4), rtol=1e-6)
+    r_all = diff.vlb_bits_per_dim(oracle, x0, None, t_batch=T, generator=gen(31))
+    assert torch.allclose(r["total"], r_all["total"], rtol=1e-9)
+    # labels are repeated alongside the chunked batch
+    seen = []
+
+    def labelled(xt, t, y):
+        seen.append((t, y))
+        return oracle(xt, t, y)
+
+    diff.vlb_bits_per_dim(labelled, x0, torch.tensor([1, 2, 3, 4]), t_batch=300)
+    assert len(seen) == 4  # ceil(1000 / 300) model calls
+    t0, y0 = seen[0]
+    assert torch.equal(y0, torch.tensor([1, 2, 3, 4]).repeat(300))
+    assert torch.equal(t0, torch.arange(300).repeat_interleave(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_with_a_cpu_generator(diff):
+    y = torch.tensor([1, 2])
+    kw = dict(shape=(2, 1, 4, 4), steps=10, progress=False, dtype=F64)
+    cpu = diff.sample(toy_model, y, generator=gen(40), **kw)
+    gpu = diff.sample(toy_model, y.cuda(), generator=gen(40), **kw)
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-9)
+    x0 = torch.rand(8, 1, 4, 4, dtype=F64) * 2 - 1
+    assert torch.allclose(diff.loss(toy_model, x0.cuda(), None, generator=gen(41)).cpu(),
+                          diff.loss(toy_model, x0, None, generator=gen(41)), atol=1e-9)
