@@ -37,7 +37,8 @@ def _bounded(cast: Callable[[str], Any], low: float | None, high: float | None, 
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
+        # value != value catches NaN, which passes every comparison below
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
