@@ -61,3 +61,15 @@ def digit_list(text: str) -> list[int]:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults in --help and keep the description's line breaks."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in --help and one-line errors (`prog: error: ...`, exit code 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,108 @@
+"""Speed of our UNet on this machine: `python -m ddpm.bench`.
+
+Prints one JSON line with the same measurements as ../shared/bench/reference_unet.py
+(training images/s at batch 64: eps-MSE, backward, one Adam step, random data; ms per
+denoising forward pass at batch 100, no grad), plus GFLOP per image forward
+(torch.utils.flop_counter) and the wall time to draw 100 digits with the default sampler.
+Run both in one command so they see the same machine load, and compare ratios:
+
+    uv run python -m ddpm.bench; uv run --with diffusers python ../shared/bench/reference_unet.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.cli import ArgumentParser, positive_int, user_errors
+from common.runtime import count_params, pick_device
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.sample import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from ddpm.schedule import cosine_betas
+from ddpm.unet import UNet, UNetConfig
+
+
+def gflop_per_image(model: torch.nn.Module) -> float:
+    """Forward FLOPs for one image (a multiply-add counts 2)."""
+    x, t, y = torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.cpu()(x, t, y)
+    return counter.get_total_flops() / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m ddpm.bench", description=__doc__)
+    p.add_argument("--batch", type=positive_int, default=64, help="training batch")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = pick_device(a.device)
+    torch.manual_seed(0)
+    model = UNet(UNetConfig())
+    gflop = gflop_per_image(model)
+    model.to(device)
+    diffusion = GaussianDiffusion(cosine_betas(1000))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.rand(a.batch, 1, 28, 28, device=device) * 2 - 1
+    y = torch.randint(0, 10, (a.batch,), device=device)
+    for i in range(a.steps + 3):  # 3 warm-up steps, as the reference does
+        if i == 3:
+            sync(device)
+            start = time.perf_counter()
+        loss = diffusion.loss(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sync(device)
+    train_img_per_s = a.batch * a.steps / (time.perf_counter() - start)
+
+    model.eval()
+    xb, yb = torch.randn(100, 1, 28, 28, device=device), torch.arange(100, device=device) % 10
+    tb = torch.full((100,), 500, device=device)
+    with torch.no_grad():
+        for i in range(6):
+            if i == 1:
+                sync(device)
+                start = time.perf_counter()
+            model(xb, tb, yb)
+        sync(device)
+        step_ms = (time.perf_counter() - start) / 5 * 1000
+        start = time.perf_counter()
+        diffusion.sample(
+            model, yb, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, progress=False
+        )
+        sync(device)
+        sample_100_s = time.perf_counter() - start
+
+    print(
+        json.dumps(
+            {
+                "model": "ours (ddpm.unet.UNet, default UNetConfig)",
+                "params": count_params(model),
+                "gflop_per_image": round(gflop, 3),
+                "threads": torch.get_num_threads(),
+                "batch": a.batch,
+                "device": str(device),
+                "train_img_per_s": round(train_img_per_s, 1),
+                "sample_ms_per_step": round(step_ms, 1),
+                "sample_100_digits_s": round(sample_100_s, 2),
+                "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

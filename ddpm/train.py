@@ -1,0 +1,337 @@
+"""Train the class-conditional DDPM: `python -m ddpm.train --help`.
+
+One optimizer step: draw t ~ U{0..T-1} and eps ~ N(0, I), form x_t = q_sample(x0, t, eps),
+regress eps_model(x_t, t, y) onto eps (Ho et al. 2020, Algorithm 1), with the label replaced
+by the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1). Weights are
+averaged (EMA) for sampling. Checkpoints are written at each epoch end, when a --minutes
+budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.checkpoint import (
+    append_csv,
+    load_checkpoint,
+    prepare_run_dir,
+    read_csv,
+    save_checkpoint,
+    truncate_csv,
+    write_json,
+)
+from common.cli import (
+    ArgumentParser,
+    UserError,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_float,
+    user_errors,
+)
+from common.data import batch_indices, load_mnist, signed_to_uint8, to_signed
+from common.ema import make_ema
+from common.runtime import count_params, pick_device, rng_state, seed_everything, set_rng_state, versions
+from common.viz import plot_curves, save_digit_grid
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.schedule import cosine_betas
+from ddpm.unet import UNet, UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    out: str = "results/ddpm"
+    epochs: int = 10
+    minutes: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1
+    timesteps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    data_dir: str | None = None
+    log_every: int = 50
+    sample_every: int = 0  # steps between sample grids; 0 = at each epoch end only
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> ArgumentParser:
+    d, u = TrainConfig(), UNetConfig()
+    p = ArgumentParser(prog="python -m ddpm.train", description=__doc__)
+    p.add_argument("--out", default=d.out, help="run directory (config, checkpoint, curves, samples)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=d.epochs, help="passes over the 60k training images"
+    )
+    p.add_argument("--minutes", type=positive_float, default=None, help="stop after this wall-clock budget")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument(
+        "--warmup-steps",
+        type=nonneg_int,
+        default=d.warmup_steps,
+        help="linear warm-up, then cosine decay to 0 over --epochs",
+    )
+    p.add_argument("--grad-clip", type=nonneg_float, default=d.grad_clip, help="max grad norm (0 = off)")
+    p.add_argument("--ema-decay", type=unit_float, default=d.ema_decay)
+    p.add_argument(
+        "--p-uncond",
+        type=unit_float,
+        default=d.p_uncond,
+        help="probability of dropping the label (classifier-free guidance)",
+    )
+    p.add_argument("--timesteps", type=positive_int, default=d.timesteps, help="T, diffusion steps")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (helps on GPU)")
+    p.add_argument("--data-dir", default=None, help="MNIST root (else $MNIST_DIR, else ./data)")
+    p.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps per loss.csv row")
+    p.add_argument(
+        "--sample-every",
+        type=nonneg_int,
+        default=d.sample_every,
+        help="steps between sample grids (0: at each epoch end)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g = p.add_argument_group("UNet")
+    g.add_argument("--base-channels", type=positive_int, default=u.base_channels)
+    g.add_argument("--channel-mult", type=int_tuple, default=u.channel_mult, help="per level, e.g. 1,4,8")
+    g.add_argument("--blocks-per-level", type=int_tuple, default=u.blocks_per_level, help="e.g. 0,1,1")
+    g.add_argument("--mid-blocks", type=nonneg_int, default=u.mid_blocks)
+    g.add_argument("--attention-levels", type=int_tuple, default=u.attention_levels, help="e.g. 2")
+    g.add_argument("--dropout", type=unit_float, default=u.dropout)
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    unet = UNetConfig(
+        base_channels=a.base_channels,
+        channel_mult=a.channel_mult,
+        blocks_per_level=a.blocks_per_level,
+        mid_blocks=a.mid_blocks,
+        attention_levels=a.attention_levels,
+        dropout=a.dropout,
+    )
+    if len(unet.channel_mult) != len(unet.blocks_per_level):
+        raise UserError("--channel-mult and --blocks-per-level need one value per level")
+    keys = TrainConfig.__dataclass_fields__.keys() - {"unet"}
+    return TrainConfig(**{k: getattr(a, k) for k in keys}, unet=unet)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def sample_grid(
+    diffusion: GaussianDiffusion, model: torch.nn.Module, path: Path, device: torch.device
+) -> None:
+    """10 x 10 grid, one row per digit, DDIM 50 steps, from a fixed seed (comparable over training)."""
+    y = torch.arange(10, device=device).repeat_interleave(10)
+    g = torch.Generator(device=device).manual_seed(1234)
+    x = diffusion.sample(model, y, sampler="ddim", steps=50, guidance=1.0, generator=g, progress=False)
+    save_digit_grid(signed_to_uint8(x).cpu(), y.cpu(), path, per_digit=10)
+
+
+class StopSignal:
+    """Turns Ctrl-C and SIGTERM into a flag the loop checks, so we always end on a checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def __enter__(self) -> StopSignal:
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    device = pick_device(cfg.device)
+    images, labels = load_mnist(train=True, data_dir=cfg.data_dir)  # before touching --out
+    out = prepare_run_dir(cfg.out, resume=args.resume, overwrite=args.overwrite)
+
+    seed_everything(cfg.seed)
+    diffusion = GaussianDiffusion(cosine_betas(cfg.timesteps))
+    model = UNet(cfg.unet).to(device)
+    ema = make_ema(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = len(images) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+
+    step, seconds = 0, 0.0
+    if args.resume:
+        ckpt = load_checkpoint(out, "ddpm")
+        model.load_state_dict(ckpt["model"])
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(1)  # already initialised: keep averaging, don't copy
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, seconds = ckpt["step"], ckpt["seconds"]
+        set_rng_state(ckpt["rng"])
+        truncate_csv(out / "loss.csv", "step", step)
+        print(f"resumed {out} at step {step} (epoch {step // steps_per_epoch + 1})")
+    write_json(
+        out / "config.json",
+        {
+            **asdict(cfg),
+            "device": str(device),
+            "params": count_params(model),
+            "steps_per_epoch": steps_per_epoch,
+            "versions": versions(),
+        },
+    )
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            out / "checkpoint.pt",
+            {
+                "kind": "ddpm",
+                "model": model.state_dict(),
+                "ema": ema.module.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "seconds": seconds,
+                "rng": rng_state(),
+                "config": asdict(cfg),
+            },
+        )
+
+    train_model = torch.compile(model) if cfg.compile else model
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    stop_at = min(total_steps, cfg.max_steps or total_steps)
+    budget = cfg.minutes * 60 if cfg.minutes else math.inf
+    print(
+        f"UNet {count_params(model) / 1e6:.2f}M params on {device}; {steps_per_epoch} steps/epoch, "
+        f"training to step {stop_at} of {total_steps}" + (f" or {cfg.minutes} min" if cfg.minutes else "")
+    )
+
+    reason = None  # why training stopped early, if it did
+    run_start, window_loss, window_n, window_t = time.perf_counter(), 0.0, 0, time.perf_counter()
+    started_seconds = seconds
+    with StopSignal() as stop:
+        while step < stop_at and reason is None:
+            epoch = step // steps_per_epoch
+            skip = step - epoch * steps_per_epoch  # resuming mid-epoch: same order, skip what was seen
+            batches = list(batch_indices(len(images), cfg.batch_size, cfg.seed, epoch))[skip:]
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            for idx in bar:
+                model.train()
+                x0 = to_signed(images[idx]).to(device)
+                y = labels[idx].to(device)
+                drop = torch.rand(y.shape, device=device) < cfg.p_uncond
+                y = torch.where(drop, torch.full_like(y, model.null_label), y)
+                with autocast:
+                    loss = diffusion.loss(train_model, x0, y)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"loss became {loss.item()} at step {step}; stopped, the last good "
+                        f"checkpoint in {out} is kept (try a lower --lr)"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                ema.update_parameters(model)
+                step += 1
+                window_loss, window_n = window_loss + loss.item(), window_n + 1
+                seconds = started_seconds + time.perf_counter() - run_start
+                if step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    rate = window_n * cfg.batch_size / (now - window_t)
+                    append_csv(
+                        out / "loss.csv",
+                        {
+                            "step": step,
+                            "loss": window_loss / window_n,
+                            "lr": sched.get_last_lr()[0],
+                            "img_per_s": round(rate, 1),
+                        },
+                    )
+                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{rate:.0f}")
+                    window_loss, window_n, window_t = 0.0, 0, now
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    sample_grid(diffusion, ema.module, out / "samples" / f"step_{step:06d}.png", device)
+                if stop.received:
+                    reason = f"stopped by {stop.received}"
+                elif seconds - started_seconds >= budget:
+                    reason = f"--minutes {cfg.minutes} budget reached"
+                elif step >= stop_at < total_steps:
+                    reason = f"--max-steps {cfg.max_steps} reached"
+                if reason or step >= stop_at:
+                    break
+            bar.close()
+            checkpoint()
+            if step % steps_per_epoch == 0:
+                sample_grid(
+                    diffusion,
+                    ema.module,
+                    out / "samples" / f"epoch_{step // steps_per_epoch:03d}.png",
+                    device,
+                )
+            print(
+                f"epoch {epoch + 1}: step {step}, {seconds / 60:.1f} min, "
+                f"last loss {loss.item():.4f} (eps MSE)",
+                flush=True,
+            )
+
+    rows = read_csv(out / "loss.csv") if (out / "loss.csv").exists() else []
+    if rows:
+        plot_curves(
+            [r["step"] for r in rows],
+            {"eps MSE": [r["loss"] for r in rows]},
+            out / "loss.png",
+            "step",
+            "loss (eps MSE)",
+            title="DDPM training loss",
+            logy=True,
+        )
+    print(f"{reason or 'done'}: step {step}, {seconds / 60:.1f} min; checkpoint in {out / 'checkpoint.pt'}")
+
+
+if __name__ == "__main__":
+    main()

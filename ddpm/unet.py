@@ -1,0 +1,171 @@
+"""A small UNet that predicts the noise eps in x_t (Ho et al. 2020, section 3 and Appendix B).
+
+Shapes: x [B, 1, 28, 28], t long [B], y long [B] -> eps_pred [B, 1, 28, 28].
+
+Layout (defaults): 28x28 -> 14x14 -> 7x7 and back, with skip connections. A convolution's
+cost is ~ channels^2 x pixels, so doubling channels while halving the side keeps each level's
+cost equal; we spend few blocks at 28x28, where MNIST has little structure per pixel, and more
+at 14x14 and 7x7, where strokes and digit shape live. Self-attention runs only at 7x7 (49
+tokens), where it is cheap and lets every position see the whole digit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ddpm.embeddings import ConditionEmbedding
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # channels per level: base * mult
+    blocks_per_level: tuple[int, ...] = (1, 2, 2)  # residual blocks on the way down, per level
+    mid_blocks: int = 2  # residual blocks at the bottom (7x7), between down and up paths
+    attention_levels: tuple[int, ...] = (2,)  # level indices with self-attention (2 = 7x7)
+    num_heads: int = 4
+    dropout: float = 0.1
+    num_classes: int = 10  # the null label is num_classes
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels (groups must divide channels)."""
+    return nn.GroupNorm(math.gcd(channels, min(32, channels // 4)), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, add the projected (t, y) embedding, then again with dropout.
+
+    x [B, C_in, H, W], emb [B, E] -> [B, C_out, H, W] (a 1x1 conv matches channels on the skip).
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual: [B, C, H, W] -> same."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(
+            self.qkv(self.norm(x)),
+            "b (three heads d) h w -> three b heads (h w) d",
+            three=3,
+            heads=self.num_heads,
+        )
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+        return x + self.out(rearrange(a, "b heads (h w) d -> b (heads d) h w", h=h, w=w))
+
+
+class Level(nn.Module):
+    """The blocks of one resolution: residual blocks, each optionally followed by attention."""
+
+    def __init__(self, c_ins: list[int], c_out: int, emb_dim: int, dropout: float, attn: bool, heads: int):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c, c_out, emb_dim, dropout) for c in c_ins)
+        self.attn = nn.ModuleList(Attention(c_out, heads) if attn else nn.Identity() for _ in c_ins)
+
+
+class UNet(nn.Module):
+    """eps_model(xt, t, y): the noise-prediction network of a class-conditional DDPM."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or UNetConfig()
+        assert len(cfg.channel_mult) == len(cfg.blocks_per_level)
+        base = cfg.base_channels
+        emb_dim = 4 * base
+        self.embed = ConditionEmbedding(base, emb_dim, cfg.num_classes)
+        self.stem = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+
+        chans = [base * m for m in cfg.channel_mult]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skips = [base]  # channels of every tensor pushed onto the skip stack
+        c = base
+        for i, (c_out, n) in enumerate(zip(chans, cfg.blocks_per_level, strict=True)):
+            attn = i in cfg.attention_levels
+            c_ins = [c] + [c_out] * (n - 1) if n else []
+            self.down.append(Level(c_ins, c_out, emb_dim, cfg.dropout, attn, cfg.num_heads))
+            skips += [c_out] * n
+            c = c_out if n else c
+            if i < len(chans) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+
+        attn_mid = len(chans) - 1 in cfg.attention_levels
+        self.mid = Level([c] * cfg.mid_blocks, c, emb_dim, cfg.dropout, attn_mid, cfg.num_heads)
+
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            attn = i in cfg.attention_levels
+            n = cfg.blocks_per_level[i] + 1  # one more block up: it also takes the downsample's skip
+            c_ins = []
+            for _ in range(n):
+                c_ins.append(c + skips.pop())
+                c = chans[i]
+            self.up.append(Level(c_ins, chans[i], emb_dim, cfg.dropout, attn, cfg.num_heads))
+            if i > 0:  # a 2x2 transposed conv doubles the side and moves to the next level's width
+                self.upsample.append(nn.ConvTranspose2d(c, chans[i - 1], 2, stride=2))
+                c = chans[i - 1]
+        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    @property
+    def null_label(self) -> int:
+        return self.embed.null_label
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y)  # [B, 4 * base]
+        h = self.stem(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for res, attn in zip(level.res, level.attn, strict=True):
+                h = attn(res(h, emb))
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                skips.append(h)
+        for res, attn in zip(self.mid.res, self.mid.attn, strict=True):
+            h = attn(res(h, emb))
+        for j, level in enumerate(self.up):
+            for res, attn in zip(level.res, level.attn, strict=True):
+                h = attn(res(torch.cat([h, skips.pop()], dim=1), emb))
+            if j < len(self.upsample):
+                h = self.upsample[j](h)
+        return self.head(h)

@@ -1,0 +1,205 @@
+"""Behaviour of `ddpm.train` and `ddpm.sample` on a tiny synthetic MNIST."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.data import write_fake_mnist
+from ddpm import sample as ddpm_sample
+from ddpm import train as ddpm_train
+from ddpm.diffusion import GaussianDiffusion
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--base-channels",
+    "8",
+    "--channel-mult",
+    "1,2,2",
+    "--blocks-per-level",
+    "0,1,1",
+    "--mid-blocks",
+    "1",
+    "--dropout",
+    "0",
+    "--timesteps",
+    "50",
+    "--batch-size",
+    "32",
+    "--log-every",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--device",
+    "cpu",
+]  # 256 images: 8 steps/epoch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(write_fake_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64))
+
+
+def train(out, data_dir, *extra):
+    ddpm_train.main(["--out", str(out), "--data-dir", data_dir, *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "ddpm"
+    train(out, data_dir, "--epochs", "1")
+    return out
+
+
+def test_train_writes_every_file(run):
+    for name in ("config.json", "checkpoint.pt", "loss.csv", "loss.png", "samples/epoch_001.png"):
+        assert (run / name).is_file(), name
+    header = (run / "loss.csv").read_text().splitlines()[0]
+    assert header == "step,loss,lr,img_per_s"
+    ckpt = load_checkpoint(run, "ddpm")
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 1
+    assert {"model", "ema", "optimizer", "rng", "config"} <= ckpt.keys()
+
+
+def test_resume_gives_identical_weights(tmp_path, data_dir):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, data_dir, "--epochs", "2")
+    train(split, data_dir, "--epochs", "2", "--max-steps", "8")
+    assert load_checkpoint(split, "ddpm")["step"] == 8
+    train(split, data_dir, "--epochs", "2", "--resume")
+    a, b = load_checkpoint(straight, "ddpm"), load_checkpoint(split, "ddpm")
+    assert a["step"] == b["step"] == 16
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    steps = [int(line.split(",")[0]) for line in (split / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))  # resuming does not duplicate rows
+
+
+def test_non_empty_out_is_refused(run, data_dir, capsys):
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train(run, data_dir, "--epochs", "1")
+    assert e.value.code == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    train(out, data_dir, "--epochs", "1")
+    before = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit) as e:
+        train(out, data_dir, "--epochs", "2", "--resume")
+    assert e.value.code == 2
+    assert "loss became nan" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_sigterm_leaves_a_loadable_checkpoint_that_resumes(tmp_path, data_dir):
+    out = tmp_path / "term"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddpm.train",
+        "--out",
+        str(out),
+        "--data-dir",
+        data_dir,
+        *TINY,
+        "--epochs",
+        "1000",
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "loss.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    step = load_checkpoint(out, "ddpm")["step"]
+    assert 0 < step < 8000
+    train(out, data_dir, "--epochs", "1000", "--resume", "--max-steps", str(step + 3))
+    assert load_checkpoint(out, "ddpm")["step"] == step + 3
+
+
+def sample(run, *extra):
+    ddpm_sample.main(["--run", str(run), "--device", "cpu", *extra])
+
+
+def test_sample_writes_the_shared_format(run, tmp_path):
+    out = tmp_path / "s.npz"
+    sample(run, "--n", "20", "--steps", "5", "--out", str(out), "--trajectory")
+    with np.load(out) as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (20, 28, 28)
+        assert f["labels"].dtype == np.int64 and sorted(f["labels"].tolist()) == sorted(list(range(10)) * 2)
+    assert out.with_suffix(".png").is_file()
+    assert (tmp_path / "s_trajectory.png").is_file()
+    sample(run, "--n", "6", "--labels", "4,2", "--steps", "5", "--out", str(tmp_path / "l.npz"))
+    with np.load(tmp_path / "l.npz") as f:
+        assert f["labels"].tolist() == [4, 2, 4, 2, 4, 2]
+
+
+def test_sample_is_reproducible_and_uses_the_ema(run, tmp_path):
+    sample(run, "--n", "10", "--steps", "5", "--out", str(tmp_path / "a.npz"))
+    sample(run, "--n", "10", "--steps", "5", "--out", str(tmp_path / "b.npz"))
+    assert np.array_equal(np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"])
+    model, _, ckpt = ddpm_sample.load_model(run, torch.device("cpu"))
+    for name, value in model.state_dict().items():  # checkpoint round trip: the EMA weights
+        assert torch.equal(value, ckpt["ema"][name])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--digit", "11"], "a digit 0-9"),
+        (["--steps", "0"], "an integer >= 1"),
+        (["--steps", "51"], "more than the model's T = 50"),
+        (["--guidance", "-1"], "a number >= 0"),
+        (["--eta", "1.5"], "a number in [0, 1]"),
+        (["--n", "0"], "an integer >= 1"),
+    ],
+)
+def test_sample_bad_flags(run, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        sample(run, "--out", str(tmp_path / "x.npz"), *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_sample_bad_runs(tmp_path, run, capsys):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes(os.urandom(1000))
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    save_checkpoint(vae / "checkpoint.pt", {"kind": "vae", "model": {}})
+    existing = tmp_path / "exists.npz"
+    existing.write_bytes(b"precious")
+    cases = [
+        (["--run", str(tmp_path / "missing")], "does not exist"),
+        (["--run", str(tmp_path)], "has no checkpoint.pt"),
+        (["--run", str(corrupt)], "not a readable checkpoint"),
+        (["--run", str(vae)], "is a 'vae' checkpoint"),
+        (["--run", str(run), "--out", str(existing)], "exists"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            ddpm_sample.main(["--device", "cpu", "--out", str(tmp_path / "o.npz"), *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert existing.read_bytes() == b"precious"
