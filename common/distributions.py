@@ -40,6 +40,15 @@ def standard_normal_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
     return -0.5 * (1.0 + logvar - mean**2 - torch.exp(logvar))
 
 
+def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, exp(logvar)) = -1/2 [ log(2 pi) + logvar + (x - mean)^2 / exp(logvar) ], elementwise.
+
+    The Gaussian density of Kingma & Welling 2013, Appendix C.2 (log q_phi(z|x), log p(z));
+    the importance weights of Burda et al. 2015, eq. 8, need it as a density, not a KL.
+    """
+    return -0.5 * (math.log(2.0 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log Bernoulli(x; sigmoid(logits)) = x log p + (1 - x) log(1 - p), elementwise.
 

@@ -1,0 +1,107 @@
+"""The MLP variational autoencoder of Kingma & Welling 2013 (Appendix C), optionally conditional.
+
+Encoder q_phi(z|x) = N(z; mu, diag(sigma^2)) with (mu, log sigma^2) from one hidden layer
+(Appendix C.2, eq. 12); decoder p_theta(x|z) = Bernoulli(sigmoid(logits)) from one hidden
+layer (Appendix C.1, eq. 11). Shapes: x [B, 784] (or [B, 1, 28, 28]) in [0, 1], z [B, J].
+
+The conditional variant (num_classes set) gives the one-hot label y to both networks,
+q_phi(z|x, y) and p_theta(x|z, y), so that samples can be asked for a given digit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of the VAE: image_size^2 -> hidden -> latent_dim (and back)."""
+
+    image_size: int = 28
+    hidden: int = 400
+    latent_dim: int = 20
+    num_classes: int | None = None  # None: unconditional; 10: class-conditional VAE
+
+    @property
+    def data_dim(self) -> int:
+        return self.image_size * self.image_size
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I) and sigma = exp(logvar / 2).
+
+    Kingma & Welling 2013, Section 2.4 (z = g_phi(eps, x) = mu + sigma (.) eps): the sample
+    is a differentiable function of (mu, logvar), so gradients reach the encoder.
+    mu, logvar: [..., J]; eps: same shape (drawn from the global RNG if None) -> z [..., J].
+    """
+    if eps is None:
+        eps = torch.randn_like(mu)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+class VAE(nn.Module):
+    """Encoder x -> hidden -> (mu, logvar); decoder z -> hidden -> logits (sigmoid for display)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, H, J = config.data_dim, config.hidden, config.latent_dim
+        C = config.num_classes or 0
+        # Encoder q_phi(z|x[, y]) (Appendix C.2)
+        self.enc_hidden = nn.Linear(D + C, H)
+        self.enc_mu = nn.Linear(H, J)
+        self.enc_logvar = nn.Linear(H, J)
+        # Decoder p_theta(x|z[, y]) (Appendix C.1)
+        self.dec_hidden = nn.Linear(J + C, H)
+        self.dec_logits = nn.Linear(H, D)
+
+    @property
+    def conditional(self) -> bool:
+        return self.config.conditional
+
+    def _with_label(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Append the one-hot label to the input of a conditional network: [B, F] -> [B, F + C].
+
+        y may be long [B] (a digit) or float [B, C] (e.g. a blend of two labels).
+        """
+        if not self.conditional:
+            return h
+        if y is None:
+            raise ValueError("a conditional VAE needs the label y")
+        if y.dim() == 1:
+            y = F.one_hot(y.long(), self.config.num_classes)
+        return torch.cat([h, y.to(h.dtype).expand(*h.shape[:-1], -1)], dim=-1)
+
+    def encode(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 784] or [B, 1, 28, 28] in [0, 1] -> (mu [B, J], logvar [B, J]) of q_phi(z|x)."""
+        x = x.reshape(x.shape[0], -1)
+        h = F.relu(self.enc_hidden(self._with_label(x, y)))
+        return self.enc_mu(h), self.enc_logvar(h)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z [..., J] -> Bernoulli logits [..., 784] of p_theta(x|z); sigmoid gives pixel means.
+
+        y (if conditional) must broadcast against z's leading dims, e.g. y [B] or [B, C] with z [B, J].
+        """
+        h = F.relu(self.dec_hidden(self._with_label(z, y)))
+        return self.dec_logits(h)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One-sample pass: x [B, 784] -> (logits [B, 784], mu [B, J], logvar [B, J])."""
+        mu, logvar = self.encode(x, y)
+        z = reparameterize(mu, logvar)
+        return self.decode(z, y), mu, logvar
