@@ -51,7 +51,7 @@ from ddpm.unet import UNet, UNetConfig
 @dataclass
 class TrainConfig:
     out: str = "results/ddpm"
-    epochs: int = 10
+    epochs: int = 6
     minutes: float | None = None
     max_steps: int | None = None
     batch_size: int = 128
