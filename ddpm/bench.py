@@ -33,31 +33,34 @@ def gflop_per_image(model: torch.nn.Module) -> float:
     return counter.get_total_flops() / 1e9
 
 
+# The configurations compared when the default was chosen (README, "Choosing the UNet").
+CANDIDATES = {
+    "default 16/48/96, blocks 0,1,1": UNetConfig(),
+    "32/64/64, blocks 0,1,1": UNetConfig(base_channels=32, channel_mult=(1, 2, 2)),
+    "32/64/96, blocks 0,1,1": UNetConfig(base_channels=32, channel_mult=(1, 2, 3)),
+    "32/64/64, blocks 0,2,2": UNetConfig(base_channels=32, channel_mult=(1, 2, 2), blocks_per_level=(0, 2, 2)),
+    "32/64/64, blocks 1,2,2, mid 2 (reference-like)": UNetConfig(
+        base_channels=32, channel_mult=(1, 2, 2), blocks_per_level=(1, 2, 2), mid_blocks=2
+    ),
+}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-@user_errors
-def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m ddpm.bench", description=__doc__)
-    p.add_argument("--batch", type=positive_int, default=64, help="training batch")
-    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = pick_device(a.device)
+def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch.device) -> dict:
+    """Time one configuration the way the reference script does; returns one JSON-able row."""
     torch.manual_seed(0)
-    model = UNet(UNetConfig())
+    model = UNet(config)
     gflop = gflop_per_image(model)
     model.to(device)
     diffusion = GaussianDiffusion(cosine_betas(1000))
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    x = torch.rand(a.batch, 1, 28, 28, device=device) * 2 - 1
-    y = torch.randint(0, 10, (a.batch,), device=device)
-    for i in range(a.steps + 3):  # 3 warm-up steps, as the reference does
+    x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
+    y = torch.randint(0, 10, (batch,), device=device)
+    for i in range(steps + 3):  # 3 warm-up steps, as the reference does
         if i == 3:
             sync(device)
             start = time.perf_counter()
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
     sync(device)
-    train_img_per_s = a.batch * a.steps / (time.perf_counter() - start)
+    train_img_per_s = batch * steps / (time.perf_counter() - start)
 
     model.eval()
     xb, yb = torch.randn(100, 1, 28, 28, device=device), torch.arange(100, device=device) % 10
@@ -85,23 +88,35 @@ def main(argv: list[str] | None = None) -> None:
         )
         sync(device)
         sample_100_s = time.perf_counter() - start
+    return {
+        "model": name,
+        "params": count_params(model),
+        "gflop_per_image": round(gflop, 3),
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "device": str(device),
+        "train_img_per_s": round(train_img_per_s, 1),
+        "sample_ms_per_step": round(step_ms, 1),
+        "sample_100_digits_s": round(sample_100_s, 2),
+        "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}",
+    }
 
-    print(
-        json.dumps(
-            {
-                "model": "ours (ddpm.unet.UNet, default UNetConfig)",
-                "params": count_params(model),
-                "gflop_per_image": round(gflop, 3),
-                "threads": torch.get_num_threads(),
-                "batch": a.batch,
-                "device": str(device),
-                "train_img_per_s": round(train_img_per_s, 1),
-                "sample_ms_per_step": round(step_ms, 1),
-                "sample_100_digits_s": round(sample_100_s, 2),
-                "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}",
-            }
-        )
-    )
+
+@user_errors
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m ddpm.bench", description=__doc__)
+    p.add_argument("--batch", type=positive_int, default=64, help="training batch")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--candidates", action="store_true", help="one line per configuration we compared")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = pick_device(a.device)
+    configs = CANDIDATES if a.candidates else {"ours (ddpm.unet.UNet, default UNetConfig)": UNetConfig()}
+    for name, config in configs.items():
+        print(json.dumps(measure(name, config, a.batch, a.steps, device)), flush=True)
 
 
 if __name__ == "__main__":
