@@ -38,7 +38,9 @@ CANDIDATES = {
     "default 16/48/96, blocks 0,1,1": UNetConfig(),
     "32/64/64, blocks 0,1,1": UNetConfig(base_channels=32, channel_mult=(1, 2, 2)),
     "32/64/96, blocks 0,1,1": UNetConfig(base_channels=32, channel_mult=(1, 2, 3)),
-    "32/64/64, blocks 0,2,2": UNetConfig(base_channels=32, channel_mult=(1, 2, 2), blocks_per_level=(0, 2, 2)),
+    "32/64/64, blocks 0,2,2": UNetConfig(
+        base_channels=32, channel_mult=(1, 2, 2), blocks_per_level=(0, 2, 2)
+    ),
     "32/64/64, blocks 1,2,2, mid 2 (reference-like)": UNetConfig(
         base_channels=32, channel_mult=(1, 2, 2), blocks_per_level=(1, 2, 2), mid_blocks=2
     ),
