@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common import distributed
 from common.checkpoint import (
     append_csv,
     load_checkpoint,
@@ -41,7 +43,7 @@ from common.cli import (
 )
 from common.data import batch_indices, load_mnist, signed_to_uint8, to_signed
 from common.ema import make_ema
-from common.runtime import count_params, pick_device, rng_state, seed_everything, set_rng_state, versions
+from common.runtime import count_params, rng_state, seed_everything, set_rng_state, versions
 from common.viz import plot_curves, save_digit_grid
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedule import cosine_betas
@@ -178,75 +180,109 @@ class StopSignal:
             signal.signal(s, h)
 
 
+def resume_step(ckpt: dict, steps_per_epoch: int, global_batch: int) -> int:
+    """The step to continue from: same epoch, same place in its shuffled order.
+
+    With an unchanged world size this is the saved step. With another, the images already
+    seen in the current epoch are skipped, rounded down to a whole new global batch.
+    """
+    return ckpt["epoch"] * steps_per_epoch + ckpt["images_in_epoch"] // global_batch
+
+
 @user_errors
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> UNet:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    device = pick_device(cfg.device)
-    images, labels = load_mnist(train=True, data_dir=cfg.data_dir)  # before touching --out
-    out = prepare_run_dir(cfg.out, resume=args.resume, overwrite=args.overwrite)
+    d = distributed.setup(cfg.device)
+    try:
+        return train(cfg, d, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        distributed.cleanup(d)
 
-    seed_everything(cfg.seed)
+
+def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite: bool = False) -> UNet:
+    """The training loop; `d` says which rank of how many this process is (1 without torchrun).
+
+    Returns the trained (raw, not EMA) model of this rank.
+    """
+    device, log = d.device, d.is_main
+    images, labels = load_mnist(train=True, data_dir=cfg.data_dir)  # before touching --out
+    out = Path(cfg.out)
+    if log:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    distributed.barrier(d)
+    global_batch = cfg.batch_size * d.world_size  # each rank takes its own slice of every batch
+    steps_per_epoch = len(images) // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"global batch {global_batch} is larger than the {len(images)} training images")
+    total_steps = cfg.epochs * steps_per_epoch
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     diffusion = GaussianDiffusion(cosine_betas(cfg.timesteps))
     model = UNet(cfg.unet).to(device)
     ema = make_ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    steps_per_epoch = len(images) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
-    total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
-
     step, seconds = 0, 0.0
-    if args.resume:
-        ckpt = load_checkpoint(out, "ddpm")
+    if resume:
+        ckpt = load_checkpoint(out, "ddpm", map_location=device)
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.fill_(1)  # already initialised: keep averaging, don't copy
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, seconds = ckpt["step"], ckpt["seconds"]
-        set_rng_state(ckpt["rng"])
-        truncate_csv(out / "loss.csv", "step", step)
-        print(f"resumed {out} at step {step} (epoch {step // steps_per_epoch + 1})")
-    write_json(
-        out / "config.json",
-        {
-            **asdict(cfg),
-            "device": str(device),
-            "params": count_params(model),
-            "steps_per_epoch": steps_per_epoch,
-            "versions": versions(),
-        },
-    )
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            out / "checkpoint.pt",
+        step, seconds = resume_step(ckpt, steps_per_epoch, global_batch), ckpt["seconds"]
+        if d.world_size == 1 == ckpt["world_size"]:
+            set_rng_state(ckpt["rng"])  # one process: continue exactly as if never stopped
+        if log:
+            truncate_csv(out / "loss.csv", "step", ckpt["step"])
+            print(f"resumed {out} at step {step} (epoch {step // steps_per_epoch + 1})")
+    if d.enabled:  # each rank draws its own noise, timesteps and label drops
+        torch.manual_seed(cfg.seed + 7919 * d.rank + step)
+    if log:
+        write_json(
+            out / "config.json",
             {
-                "kind": "ddpm",
-                "model": model.state_dict(),
-                "ema": ema.module.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "step": step,
-                "epoch": step // steps_per_epoch,
-                "seconds": seconds,
-                "rng": rng_state(),
-                "config": asdict(cfg),
+                **asdict(cfg),
+                "device": str(device),
+                "world_size": d.world_size,
+                "global_batch": global_batch,
+                "params": count_params(model),
+                "steps_per_epoch": steps_per_epoch,
+                "versions": versions(),
             },
         )
 
-    train_model = torch.compile(model) if cfg.compile else model
+    def checkpoint() -> None:
+        if log:
+            save_checkpoint(
+                out / "checkpoint.pt",
+                {
+                    "kind": "ddpm",
+                    "model": model.state_dict(),
+                    "ema": ema.module.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "epoch": step // steps_per_epoch,
+                    "images_in_epoch": step % steps_per_epoch * global_batch,
+                    "world_size": d.world_size,
+                    "seconds": seconds,
+                    "rng": rng_state(),
+                    "config": asdict(cfg),
+                },
+            )
+
+    net = DistributedDataParallel(model) if d.enabled else model  # averages gradients across ranks
+    net = torch.compile(net) if cfg.compile else net
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     budget = cfg.minutes * 60 if cfg.minutes else math.inf
-    print(
-        f"UNet {count_params(model) / 1e6:.2f}M params on {device}; {steps_per_epoch} steps/epoch, "
-        f"training to step {stop_at} of {total_steps}" + (f" or {cfg.minutes} min" if cfg.minutes else "")
-    )
+    if log:
+        print(
+            f"UNet {count_params(model) / 1e6:.2f}M params on {device} x {d.world_size}; global batch "
+            f"{global_batch}, {steps_per_epoch} steps/epoch, training to step {stop_at} of {total_steps}"
+            + (f" or {cfg.minutes} min" if cfg.minutes else "")
+        )
 
     reason = None  # why training stopped early, if it did
     run_start, window_loss, window_n, window_t = time.perf_counter(), 0.0, 0, time.perf_counter()
@@ -255,82 +291,86 @@ def main(argv: list[str] | None = None) -> None:
         while step < stop_at and reason is None:
             epoch = step // steps_per_epoch
             skip = step - epoch * steps_per_epoch  # resuming mid-epoch: same order, skip what was seen
-            batches = list(batch_indices(len(images), cfg.batch_size, cfg.seed, epoch))[skip:]
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            batches = list(batch_indices(len(images), global_batch, cfg.seed, epoch))[skip:]
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not log)
             for idx in bar:
+                idx = idx[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size]
                 model.train()
                 x0 = to_signed(images[idx]).to(device)
                 y = labels[idx].to(device)
                 drop = torch.rand(y.shape, device=device) < cfg.p_uncond
                 y = torch.where(drop, torch.full_like(y, model.null_label), y)
                 with autocast:
-                    loss = diffusion.loss(train_model, x0, y)
-                if not torch.isfinite(loss):
+                    loss = diffusion.loss(net, x0, y)
+                loss_all = distributed.mean_across(d, loss).item()  # the same on every rank
+                if not math.isfinite(loss_all):
                     raise UserError(
-                        f"loss became {loss.item()} at step {step}; stopped, the last good "
+                        f"loss became {loss_all} at step {step}; stopped, the last good "
                         f"checkpoint in {out} is kept (try a lower --lr)"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 opt.step()
-                sched.step()
                 ema.update_parameters(model)
                 step += 1
-                window_loss, window_n = window_loss + loss.item(), window_n + 1
+                window_loss, window_n = window_loss + loss_all, window_n + 1
                 seconds = started_seconds + time.perf_counter() - run_start
-                if step % cfg.log_every == 0:
+                if step % cfg.log_every == 0 and log:
                     now = time.perf_counter()
-                    rate = window_n * cfg.batch_size / (now - window_t)
-                    append_csv(
-                        out / "loss.csv",
-                        {
-                            "step": step,
-                            "loss": window_loss / window_n,
-                            "lr": sched.get_last_lr()[0],
-                            "img_per_s": round(rate, 1),
-                        },
-                    )
-                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{rate:.0f}")
+                    rate = window_n * global_batch / (now - window_t)
+                    row = {
+                        "step": step,
+                        "loss": window_loss / window_n,
+                        "lr": lr,
+                        "img_per_s": round(rate, 1),
+                    }
+                    append_csv(out / "loss.csv", row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
                     window_loss, window_n, window_t = 0.0, 0, now
-                if cfg.sample_every and step % cfg.sample_every == 0:
+                if cfg.sample_every and step % cfg.sample_every == 0 and log:
                     sample_grid(diffusion, ema.module, out / "samples" / f"step_{step:06d}.png", device)
-                if stop.received:
-                    reason = f"stopped by {stop.received}"
-                elif seconds - started_seconds >= budget:
-                    reason = f"--minutes {cfg.minutes} budget reached"
+                # Rank 0 owns the clock; any rank may have been signalled. All stop together.
+                over_budget = log and seconds - started_seconds >= budget
+                if distributed.any_across(d, bool(stop.received) or over_budget):
+                    reason = f"stopped by {stop.received}" if stop.received else "--minutes budget reached"
                 elif step >= stop_at < total_steps:
                     reason = f"--max-steps {cfg.max_steps} reached"
                 if reason or step >= stop_at:
                     break
             bar.close()
             checkpoint()
-            if step % steps_per_epoch == 0:
-                sample_grid(
-                    diffusion,
-                    ema.module,
-                    out / "samples" / f"epoch_{step // steps_per_epoch:03d}.png",
-                    device,
+            if step % steps_per_epoch == 0 and log:
+                path = out / "samples" / f"epoch_{step // steps_per_epoch:03d}.png"
+                sample_grid(diffusion, ema.module, path, device)
+            if log:
+                print(
+                    f"epoch {epoch + 1}: step {step}, {seconds / 60:.1f} min, "
+                    f"last loss {loss_all:.4f} (eps MSE)",
+                    flush=True,
                 )
-            print(
-                f"epoch {epoch + 1}: step {step}, {seconds / 60:.1f} min, "
-                f"last loss {loss.item():.4f} (eps MSE)",
-                flush=True,
-            )
 
-    rows = read_csv(out / "loss.csv") if (out / "loss.csv").exists() else []
-    if rows:
-        plot_curves(
-            [r["step"] for r in rows],
-            {"eps MSE": [r["loss"] for r in rows]},
-            out / "loss.png",
-            "step",
-            "loss (eps MSE)",
-            title="DDPM training loss",
-            logy=True,
+    if log:
+        rows = read_csv(out / "loss.csv") if (out / "loss.csv").exists() else []
+        if rows:
+            plot_curves(
+                [r["step"] for r in rows],
+                {"eps MSE": [r["loss"] for r in rows]},
+                out / "loss.png",
+                "step",
+                "loss (eps MSE)",
+                title="DDPM training loss",
+                logy=True,
+            )
+        print(
+            f"{reason or 'done'}: step {step}, {seconds / 60:.1f} min; checkpoint in {out / 'checkpoint.pt'}"
         )
-    print(f"{reason or 'done'}: step {step}, {seconds / 60:.1f} min; checkpoint in {out / 'checkpoint.pt'}")
+
+    return model
 
 
 if __name__ == "__main__":
