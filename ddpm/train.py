@@ -53,7 +53,7 @@ from ddpm.unet import UNet, UNetConfig
 @dataclass
 class TrainConfig:
     out: str = "results/ddpm"
-    epochs: int = 6
+    epochs: int = 7
     minutes: float | None = None
     max_steps: int | None = None
     batch_size: int = 128
@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
     seed_everything(cfg.seed)  # the same initial weights on every rank
     diffusion = GaussianDiffusion(cosine_betas(cfg.timesteps))
     model = UNet(cfg.unet).to(device)
-    ema = make_ema(model, cfg.ema_decay)
+    ema = make_ema(model, cfg.ema_decay, warmup=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, seconds = 0, 0.0
     if resume:

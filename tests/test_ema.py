@@ -83,3 +83,21 @@ def test_ema_module_computes_with_averaged_weights():
         model[0].weight.add_(1.0)
     ema.update_parameters(model)  # halfway between the two weights
     torch.testing.assert_close(ema.module[0].weight, model[0].weight - 0.5)
+
+
+def test_warmup_forgets_the_initial_weights():
+    old, new, decay = 0.0, 1.0, 0.999
+    model = _model()
+    _fill(model, old)
+    plain, warm = make_ema(model, decay), make_ema(model, decay, warmup=True)
+    plain.update_parameters(model)
+    warm.update_parameters(model)
+    _fill(model, new)
+    expected_share = 1.0  # share of the old weights left in the warm-up EMA
+    for n in range(1, 2001):
+        plain.update_parameters(model)
+        warm.update_parameters(model)
+        expected_share *= min(decay, (1 + n) / (10 + n))
+    w, p = _float_tensors(warm.module)[0], _float_tensors(plain.module)[0]
+    torch.testing.assert_close(w, torch.full_like(w, new - expected_share), rtol=0, atol=1e-12)
+    assert (new - w).max() < 1e-3 * (new - p).min()  # plain EMA still holds 0.999^2000 = 13.5%
