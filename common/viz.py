@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
@@ -18,6 +17,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int =
 
     images: uint8 [N, H, W] or [N, 1, H, W] in 0..255, or float in [0, 1].
     """
+    from torchvision.utils import save_image  # lazy: importing torchvision costs seconds
+
     if images.dim() == 3:
         images = images.unsqueeze(1)
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
