@@ -1,0 +1,322 @@
+"""Measure a trained DDPM: `python -m ddpm.evaluate --run results/ddpm`.
+
+Writes <run>/metrics.json (and prints it), <run>/samples.npz (the best setting's samples),
+<run>/sweep/<setting>.npz (every setting's samples) and <run>/frontier.png:
+- the sweep: classifier-free guidance w in --guidance x samplers in --samplers (DDPM
+  ancestral with all T steps, DDIM with 50, 20, 10 steps); per setting N samples, N/10 per
+  digit (the full-length DDPM sampler gets --n-ddpm, fewer, as it costs T network passes),
+  scored by the judge (common.metrics.score): MNIST-FD with its floor at the same N,
+  conditional accuracy, precision and recall (also per digit), memorisation distances; and
+  the wall time to draw 100 digits (median over the batches of 100);
+- the best setting, by the rule in BEST_RULE, and the guidance frontier (FD against accuracy);
+- the variational bound -log p(x0 | y) <= L_T + sum L_{t-1} + L_0 (Ho et al. 2020, eq. 5) in
+  bits per dimension on the first --vlb-n test images, split into prior, KL terms, decoder;
+- training wall time, images seen, parameter count (from the checkpoint).
+
+A full default sweep is long on 2 CPU cores (about 20 x 1000 DDIM samples plus 5 x 100
+DDPM-1000 samples): restrict it with --guidance, --samplers, --n and --n-ddpm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.checkpoint import write_json
+from common.cli import (
+    ArgumentParser,
+    UserError,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    unit_float,
+    user_errors,
+)
+from common.compare import plot_frontier
+from common.data import load_mnist, to_signed
+from common.metrics import judge_summary, load_judge, score
+from common.runtime import count_params, pick_device
+from common.samples import save_samples
+from ddpm.sample import generate, load_model, requested_labels
+
+GOAL_ACCURACY, GOAL_FD_RATIO = 0.99, 1.5
+BEST_RULE = (
+    f"fewest steps among settings with accuracy >= {GOAL_ACCURACY:.0%} and "
+    f"MNIST-FD <= {GOAL_FD_RATIO}x floor (ties: lowest FD); if none, lowest FD among settings "
+    "with accuracy >= 99 %; if none, highest accuracy"
+)
+
+
+def guidance_list(text: str) -> list[float]:
+    """`0,0.5,1` -> [0.0, 0.5, 1.0], each >= 0."""
+    values = [nonneg_float(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated guidance weights, got {text!r}")
+    return values
+
+
+def sampler_list(text: str) -> list[tuple[str, int | None]]:
+    """`ddpm,ddim50,ddim10` -> [('ddpm', None), ('ddim', 50), ('ddim', 10)]; None = all T steps."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = re.fullmatch(r"(ddpm|ddim)(\d*)", part)
+        if not m or (m.group(2) and int(m.group(2)) < 1):
+            raise argparse.ArgumentTypeError(f"expected samplers like ddpm, ddpm1000, ddim50, got {part!r}")
+        out.append((m.group(1), int(m.group(2)) if m.group(2) else None))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected samplers like ddpm,ddim50,ddim10, got {text!r}")
+    return out
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m ddpm.evaluate", description=__doc__)
+    p.add_argument("--run", default="results/ddpm", help="run directory of ddpm.train")
+    p.add_argument(
+        "--guidance",
+        type=guidance_list,
+        default=guidance_list("0,0.5,1,2,3"),
+        help="classifier-free guidance weights w, comma-separated",
+    )
+    p.add_argument(
+        "--samplers",
+        type=sampler_list,
+        default=sampler_list("ddpm,ddim50,ddim20,ddim10"),
+        help="ddpm (ancestral, all T steps) or ddpmS / ddimS with S steps, comma-separated",
+    )
+    p.add_argument("--n", type=positive_int, default=1000, help="samples per setting (n/10 per digit)")
+    p.add_argument(
+        "--n-ddpm",
+        type=positive_int,
+        default=100,
+        help="samples per setting for the ancestral sampler with all T steps",
+    )
+    p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
+    p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise (0: deterministic)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=100,
+        help="digits per sampling batch (the timing is per batch of 100)",
+    )
+    p.add_argument(
+        "--classifier", default=None, help="judge directory (default results/classifier; trained if absent)"
+    )
+    p.add_argument("--data-dir", default=None, help="MNIST root (else $MNIST_DIR, else ./data)")
+    p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights, not the EMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    return p
+
+
+def training_summary(ckpt: dict) -> dict[str, Any]:
+    """Wall time, optimizer steps and images seen (steps x batch x processes), from the checkpoint."""
+    world = int(ckpt.get("world_size", 1))
+    batch = int(ckpt["config"]["batch_size"]) * world
+    return {
+        "seconds": float(ckpt.get("seconds", float("nan"))),
+        "steps": int(ckpt["step"]),
+        "epochs": int(ckpt.get("epoch", 0)),
+        "batch_size": batch,
+        "world_size": world,
+        "images_seen": int(ckpt["step"]) * batch,
+    }
+
+
+@torch.no_grad()
+def variational_bound(
+    model: torch.nn.Module, diffusion: Any, x0: torch.Tensor, y: torch.Tensor, seed: int, chunk: int = 100
+) -> dict[str, Any]:
+    """Mean VLB terms over test images x0 [N, 1, 28, 28] in [-1, 1] with labels y [N], bits/dim.
+
+    Uses `GaussianDiffusion.vlb_bits_per_dim`: total = prior + terms.sum(1), where terms[:, 0]
+    is the decoder L_0 and terms[:, 1:] the KL terms L_1 .. L_{T-1}.
+    """
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {"total": [], "prior": [], "kl": [], "decoder": []}
+    for start in range(0, len(x0), chunk):
+        out = diffusion.vlb_bits_per_dim(
+            model, x0[start : start + chunk].to(device), y[start : start + chunk].to(device), generator=g
+        )
+        parts["total"].append(out["total"].cpu())
+        parts["prior"].append(out["prior"].cpu())
+        parts["kl"].append(out["terms"][:, 1:].sum(1).cpu())
+        parts["decoder"].append(out["terms"][:, 0].cpu())
+    cat = {k: torch.cat(v).double() for k, v in parts.items()}
+    n = len(cat["total"])
+    return {
+        "bits_per_dim": cat["total"].mean().item(),
+        "bits_per_dim_stderr": (cat["total"].std().item() / n**0.5) if n > 1 else None,
+        "prior_bits_per_dim": cat["prior"].mean().item(),
+        "terms_bits_per_dim": cat["kl"].mean().item(),
+        "decoder_bits_per_dim": cat["decoder"].mean().item(),
+    }
+
+
+def pick_best(settings: list[dict[str, Any]]) -> str:
+    """Name of the best setting by BEST_RULE."""
+
+    def acc(s: dict) -> float:
+        return s["metrics"].get("accuracy") or 0.0
+
+    def ratio(s: dict) -> float:
+        r = s["metrics"].get("fd_ratio")
+        return float("inf") if r is None else r
+
+    goal = [s for s in settings if acc(s) >= GOAL_ACCURACY and ratio(s) <= GOAL_FD_RATIO]
+    if goal:
+        return min(goal, key=lambda s: (s["steps"], ratio(s)))["name"]
+    accurate = [s for s in settings if acc(s) >= GOAL_ACCURACY]
+    if accurate:
+        return min(accurate, key=ratio)["name"]
+    return max(settings, key=lambda s: (acc(s), -ratio(s), -s["steps"]))["name"]
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = build_parser().parse_args(argv)
+    run = Path(a.run)
+    if not run.is_dir():
+        raise UserError(f"--run {run} is not a run directory")
+    device = pick_device(a.device)
+    model, diffusion, ckpt = load_model(run, device, use_ema=not a.raw_weights)
+    T = diffusion.T
+    grid = []
+    for sampler, steps in a.samplers:
+        steps = T if steps is None else steps
+        if steps > T:
+            raise UserError(f"--samplers {sampler}{steps}: more steps than the model's T = {T}")
+        for w in a.guidance:
+            name = f"{sampler}{steps}_w{w:g}"
+            if name not in {g[0] for g in grid}:
+                grid.append((name, sampler, steps, w))
+    judge = load_judge(a.classifier, a.data_dir)
+    started = time.perf_counter()
+
+    likelihood = None
+    if a.vlb_n:
+        x_test, y_test = load_mnist(train=False, data_dir=a.data_dir)
+        n = min(a.vlb_n, len(x_test))
+        t0 = time.perf_counter()
+        likelihood = variational_bound(model, diffusion, to_signed(x_test[:n]), y_test[:n], a.seed)
+        likelihood.update(
+            test_n=n,
+            subset=f"the first {n} MNIST test images",
+            bound="VLB",
+            of="-log p(x0 | y) (true labels, no guidance)",
+            T=T,
+            seconds=time.perf_counter() - t0,
+            note="one-sample estimate of each KL term; discretized Gaussian decoder over 256 levels",
+        )
+        print(
+            f"VLB {likelihood['bits_per_dim']:.4f} bits/dim on {n} test images "
+            f"({likelihood['seconds']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    settings: list[dict[str, Any]] = []
+    images_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    (run / "sweep").mkdir(exist_ok=True)
+    for i, (name, sampler, steps, w) in enumerate(grid):
+        n = a.n_ddpm if sampler == "ddpm" and steps == T else a.n
+        y = requested_labels(n, None, None)
+        batches, times = [], []
+        for b, yb in enumerate(y.split(a.batch_size)):
+            t0 = time.perf_counter()
+            batches.append(
+                generate(
+                    model,
+                    diffusion,
+                    yb,
+                    sampler,
+                    steps,
+                    a.eta,
+                    w,
+                    a.seed * 100_003 + b,
+                    batch_size=a.batch_size,
+                    progress=False,
+                )
+            )
+            times.append((time.perf_counter() - t0) * 100 / len(yb))
+        images = torch.cat(batches)
+        save_samples(run / "sweep" / f"{name}.npz", images, y)
+        images_of[name] = (images, y)
+        s = {
+            "name": name,
+            "sampler": sampler,
+            "steps": steps,
+            "guidance": w,
+            "eta": a.eta if sampler == "ddim" else None,
+            "n": n,
+            "seconds_per_100": sorted(times)[len(times) // 2],
+            "seconds_total": sum(t * a.batch_size / 100 for t in times),
+            "batch_size": a.batch_size,
+            "samples_file": f"sweep/{name}.npz",
+            "metrics": score(images, y, judge),
+        }
+        settings.append(s)
+        m = s["metrics"]
+        print(
+            f"[{i + 1}/{len(grid)}] {name}: N {n}, FD {m['fd']:.2f} "
+            f"({m['fd_ratio'] or float('nan'):.2f}x floor), accuracy {m['accuracy'] or float('nan'):.4f}, "
+            f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
+            f"{s['seconds_per_100']:.2f} s / 100 digits",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    best = pick_best(settings)
+    best_setting = next(s for s in settings if s["name"] == best)
+    save_samples(run / "samples.npz", *images_of[best])
+    plot_frontier(settings, run / "frontier.png", title=f"{run.name}: guidance frontier")
+    goal_met = [
+        s["name"]
+        for s in settings
+        if s["steps"] <= 20
+        and (s["metrics"]["accuracy"] or 0) >= GOAL_ACCURACY
+        and (s["metrics"]["fd_ratio"] or float("inf")) <= GOAL_FD_RATIO
+    ]
+    metrics = {
+        "model": "ddpm",
+        "run": str(run),
+        "command": "python -m ddpm.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
+        "conditional": True,
+        "weights": "raw" if a.raw_weights else "ema",
+        "params": count_params(model),
+        "T": T,
+        "train": training_summary(ckpt),
+        "likelihood": likelihood,
+        "best": best,
+        "best_rule": BEST_RULE,
+        "goal": f"<= 20 steps, accuracy >= {GOAL_ACCURACY:.0%}, MNIST-FD <= {GOAL_FD_RATIO}x floor",
+        "goal_met_by": goal_met,
+        "sampling": {
+            "method": f"{best_setting['sampler'].upper()} {best_setting['steps']} steps, guidance w = "
+            f"{best_setting['guidance']:g}",
+            "steps": best_setting["steps"],
+            "seconds_per_100": best_setting["seconds_per_100"],
+            "n": best_setting["n"],
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        },
+        "samples_file": "samples.npz",
+        "samples": best_setting["metrics"],
+        "settings": settings,
+        "judge": judge_summary(judge),
+        "curve": {"x": "step", "y": ["loss"], "ylabel": "loss (eps MSE)", "logy": True},
+        "eval_seconds": time.perf_counter() - started,
+    }
+    write_json(run / "metrics.json", metrics)
+    print((run / "metrics.json").read_text())
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""vaegen.evaluate, ddpm.evaluate and common.compare end to end on tiny runs trained on a tiny
+synthetic MNIST, scored by a tiny judge trained here (never real MNIST, never a cached judge)."""
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import compare, metrics
+from common.data import write_fake_mnist
+from common.metrics import JudgeConfig
+from ddpm import evaluate as ddpm_evaluate
+from ddpm import train as ddpm_train
+from vaegen import evaluate as vae_evaluate
+from vaegen import train as vae_train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_JUDGE = JudgeConfig(channels=(4, 8), features=16, epochs=3, batch_size=32, augment=False)
+TINY_VAE = ["--epochs", "1", "--batch-size", "64", "--device", "cpu"]
+TINY_DDPM = [
+    "--base-channels", "8", "--channel-mult", "1,2,2", "--blocks-per-level", "0,1,1", "--mid-blocks", "1",
+    "--dropout", "0", "--timesteps", "50", "--batch-size", "32", "--log-every", "2", "--warmup-steps", "2",
+    "--device", "cpu", "--epochs", "1",
+]  # fmt: skip
+
+SAMPLE_KEYS = {
+    "n", "fd", "fd_floor", "fd_floor_std", "fd_floor_n", "fd_ratio", "k", "precision", "recall",
+    "precision_floor", "recall_floor", "class_histogram", "class_entropy_bits", "judge_confidence",
+    "memorization",
+}  # fmt: skip
+CONDITIONAL_KEYS = {"accuracy", "accuracy_per_digit", "precision_per_digit", "recall_per_digit"}
+TOP_KEYS = {"model", "run", "command", "conditional", "params", "train", "likelihood", "sampling",
+            "samples_file", "samples", "judge", "curve", "eval_seconds"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(write_fake_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64))
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("judge")
+    metrics.train_classifier(out, data_dir, TINY_JUDGE, log=lambda *a, **k: None)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir, judge_dir):
+    """Three tiny runs, each trained and evaluated: vae, cvae, ddpm."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--classifier", judge_dir, "--data-dir", data_dir]
+    vae_train.main(["--out", str(root / "vae"), "--data-dir", data_dir, *TINY_VAE])
+    vae_train.main(["--out", str(root / "cvae"), "--data-dir", data_dir, "--conditional", *TINY_VAE])
+    ddpm_train.main(["--out", str(root / "ddpm"), "--data-dir", data_dir, *TINY_DDPM])
+    vae_evaluate.main(["--run", str(root / "vae"), "--n", "30", "--iwae-k", "10", "--device", "cpu", *common])
+    vae_evaluate.main(
+        ["--run", str(root / "cvae"), "--n", "50", "--iwae-k", "10", "--device", "cpu", *common]
+    )
+    ddpm_evaluate.main(
+        ["--run", str(root / "ddpm"), "--guidance", "0,2", "--samplers", "ddpm,ddim5", "--n", "20",
+         "--n-ddpm", "10", "--vlb-n", "4", "--batch-size", "10", "--device", "cpu", *common]
+    )  # fmt: skip
+    return root
+
+
+def read(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_vae_metrics_json(runs):
+    m = read(runs / "vae")
+    assert TOP_KEYS <= m.keys() and m["model"] == "vae" and not m["conditional"]
+    assert SAMPLE_KEYS <= m["samples"].keys() and m["samples"]["n"] == 30
+    assert not CONDITIONAL_KEYS & m["samples"].keys()  # unconditional: histogram and entropy only
+    lik = m["likelihood"]
+    for key in (
+        "neg_elbo_nats",
+        "neg_elbo_bits_per_dim",
+        "neg_iwae_nats",
+        "neg_iwae_bits_per_dim",
+        "kl_nats",
+    ):
+        assert np.isfinite(lik[key]), key
+    assert lik["test_n"] == 64 and lik["iwae_k"] == 10
+    assert lik["neg_iwae_bits_per_dim"] == pytest.approx(lik["neg_iwae_nats"] / (784 * np.log(2)))
+    assert m["train"]["images_seen"] == 4 * 64 and m["train"]["seconds"] > 0
+    assert m["sampling"]["seconds_per_100"] > 0 and m["params"] > 0
+    with np.load(runs / "vae" / "samples.npz") as f:
+        assert f["images"].shape == (30, 28, 28) and "labels" not in f
+
+
+def test_cvae_metrics_json(runs):
+    m = read(runs / "cvae")
+    assert m["model"] == "cvae" and m["conditional"]
+    assert (SAMPLE_KEYS | CONDITIONAL_KEYS) <= m["samples"].keys()
+    assert len(m["samples"]["recall_per_digit"]) == 10 and 0 <= m["samples"]["accuracy"] <= 1
+    with np.load(runs / "cvae" / "samples.npz") as f:
+        assert np.bincount(f["labels"]).tolist() == [5] * 10
+
+
+def test_ddpm_metrics_json(runs):
+    m = read(runs / "ddpm")
+    assert TOP_KEYS | {"settings", "best", "best_rule", "T", "goal_met_by"} <= m.keys()
+    names = [s["name"] for s in m["settings"]]
+    assert names == ["ddpm50_w0", "ddpm50_w2", "ddim5_w0", "ddim5_w2"]
+    assert [s["n"] for s in m["settings"]] == [10, 10, 20, 20]  # full-length sampler: --n-ddpm
+    for s in m["settings"]:
+        assert (SAMPLE_KEYS | CONDITIONAL_KEYS) <= s["metrics"].keys()
+        assert s["seconds_per_100"] > 0 and (runs / "ddpm" / s["samples_file"]).is_file()
+    assert (
+        m["best"] in names
+        and m["samples"] == next(s for s in m["settings"] if s["name"] == m["best"])["metrics"]
+    )
+    lik = m["likelihood"]
+    assert lik["test_n"] == 4
+    total = lik["prior_bits_per_dim"] + lik["terms_bits_per_dim"] + lik["decoder_bits_per_dim"]
+    assert lik["bits_per_dim"] == pytest.approx(total, rel=1e-6)
+    assert m["train"]["images_seen"] == 8 * 32 and m["train"]["seconds"] > 0
+    assert (runs / "ddpm" / "frontier.png").is_file() and (runs / "ddpm" / "samples.npz").is_file()
+
+
+def test_compare_writes_report_and_figures(runs, data_dir, judge_dir, tmp_path):
+    out = tmp_path / "compare"
+    compare.main([str(runs / r) for r in ("vae", "cvae", "ddpm")]
+                 + ["--out", str(out), "--data-dir", data_dir, "--classifier", judge_dir])  # fmt: skip
+    report = (out / "report.md").read_text()
+    for name in ("grid_vae.png", "grid_cvae.png", "grid_ddpm.png", "curves.png", "steps.png", "frontier.png",
+                 "nearest.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+        assert f"]({name})" in report, name
+    assert "| MNIST-FD | floor |" in report
+    for setting in ("DDPM 50, w=0", "DDPM 50, w=2", "DDIM 5, w=0", "DDIM 5, w=2", "decoder (1 pass)"):
+        assert setting in report, setting
+    assert "## Likelihood bounds" in report and "VLB" in report and "IWAE" in report
+
+
+def test_compare_on_two_runs_without_data(runs, tmp_path, capsys):
+    out = tmp_path / "two"
+    compare.main(
+        [str(runs / "vae"), str(runs / "ddpm"), "--out", str(out), "--data-dir", str(tmp_path / "none")]
+    )
+    assert (out / "report.md").is_file() and not (out / "nearest.png").exists()
+    assert "nearest-neighbour figure skipped" in capsys.readouterr().err
+
+
+def one_line_error(capsys, main, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys):
+    assert "no metrics.json" in one_line_error(
+        capsys, compare.main, [str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    assert "'vae' checkpoint" in one_line_error(capsys, ddpm_evaluate.main, ["--run", str(runs / "vae")])
+    assert "'ddpm' checkpoint" in one_line_error(capsys, vae_evaluate.main, ["--run", str(runs / "ddpm")])
+    assert "not a run directory" in one_line_error(capsys, vae_evaluate.main, ["--run", str(tmp_path / "no")])
+    err = one_line_error(capsys, ddpm_evaluate.main, ["--run", str(runs / "ddpm"), "--samplers", "plms10"])
+    assert "expected samplers" in err
+    err = one_line_error(capsys, ddpm_evaluate.main, ["--run", str(runs / "ddpm"), "--samplers", "ddim100"])
+    assert "T = 50" in err
+
+
+def test_common_never_imports_a_model_package():
+    for path in (REPO / "common").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] in ("vaegen", "ddpm") for n in names), path
