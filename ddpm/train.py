@@ -227,7 +227,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
         ckpt = load_checkpoint(out, "ddpm", map_location=device)
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
-        ema.n_averaged.fill_(1)  # already initialised: keep averaging, don't copy
+        ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step so far (sets the warm-up decay)
         opt.load_state_dict(ckpt["optimizer"])
         step, seconds = resume_step(ckpt, steps_per_epoch, global_batch), ckpt["seconds"]
         if d.world_size == 1 == ckpt["world_size"]:
