@@ -58,6 +58,11 @@ class Tutorial:
 
     def mnist(self, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(images uint8 [N, 1, 28, 28], labels long [N]); synthetic if MNIST is absent."""
+        return load_mnist(train=train, data_dir=self.data_root(), download=False)
+
+    def data_root(self) -> Path:
+        """The torchvision root `mnist()` reads (MNIST, or the synthetic stand-in): the --data-dir
+        to hand to a training command (`ddpm.train`, `vaegen.train`) so that it reads the same data."""
         if self._root is None:
             try:
                 self._root = find_mnist(self.data_dir, download=False)
@@ -73,7 +78,7 @@ class Tutorial:
                 )
             else:
                 print(f"    MNIST from {self._root / 'MNIST' / 'raw'}")
-        return load_mnist(train=train, data_dir=self._root, download=False)
+        return self._root
 
     def save(self, fig, filename: str) -> Path:
         """Write a matplotlib figure as PNG into the output folder (and show it in a notebook)."""
