@@ -209,3 +209,25 @@ def test_model_shapes_and_conditioning():
     with pytest.raises(ValueError):
         model.encode(x)
     assert VAE(VAEConfig()).decode(torch.zeros(2, 20)).shape == (2, 784)
+
+
+def test_output_bias_init_predicts_the_mean_image():
+    model = VAE(VAEConfig())
+    mean = torch.rand(784) * 0.9 + 0.05
+    model.init_output_bias(mean)
+    torch.testing.assert_close(torch.sigmoid(model.dec_logits.bias.detach()), mean)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from vaegen.train import make_scheduler
+
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=4e-3)
+    sched = make_scheduler(opt, "cosine", total_steps=100, warmup=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(4e-5) and max(lrs) == pytest.approx(4e-3)
+    assert lrs.index(max(lrs)) == 10 and lrs[-1] < 1e-5
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
