@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from common.checkpoint import load_checkpoint, read_csv
 from common.data import write_fake_mnist
 from ddpm import train as ddpm_train
+from vaegen import train as vae_train
 
 TINY = ["--base-channels", "8", "--channel-mult", "1,2,2", "--blocks-per-level", "0,1,1",
         "--mid-blocks", "1", "--timesteps", "50", "--batch-size", "16", "--log-every", "1",
@@ -23,12 +24,34 @@ def free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, argv: list[str], weights_dir: str) -> None:
-    """One rank: the environment torchrun would set, then the ordinary entry point."""
+    """One ddpm.train rank: the environment torchrun would set, then the ordinary entry point."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     model = ddpm_train.main(argv)
     torch.save(model.state_dict(), os.path.join(weights_dir, f"rank{rank}.pt"))
+
+
+def _vae_rank(rank: int, world: int, port: int, argv: list[str], weights_dir: str) -> None:
+    """One vaegen.train rank. Its main() returns metrics, not the model, so the model is
+    caught as it is built, and each rank saves its own final weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    captured = {}
+    original = vae_train.VAE
+
+    class Captured(original):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            captured["model"] = self
+
+    vae_train.VAE = Captured
+    try:
+        vae_train.main(argv)
+    finally:
+        vae_train.VAE = original
+    torch.save(captured["model"].state_dict(), os.path.join(weights_dir, f"vae_rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +89,41 @@ def test_two_rank_run_resumes_with_one_rank(two_rank_run):
     # 2 ranks x 16 = 32 images per step, 6 steps: 192 images into epoch 1; with 1 rank (16 per
     # step, 16 steps per epoch) that is step 12, and 3 more steps make 15.
     assert ckpt["world_size"] == 1 and ckpt["step"] == 15
+
+
+# ----------------------------------------------------------------------------- vaegen.train
+VAE_TINY = ["--batch-size", "16", "--device", "cpu", "--latent-dim", "4"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_vae(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_vae")
+    data = str(write_fake_mnist(root / "mnist", n_train=256, n_test=32))
+    out = root / "run"
+    # 256 images / (2 ranks x 16) = 8 steps per epoch: one full epoch, then 3 steps into the next
+    argv = ["--out", str(out), "--data-dir", data, *VAE_TINY, "--epochs", "3", "--max-steps", "11"]
+    mp.spawn(_vae_rank, args=(2, free_port(), argv, str(root)), nprocs=2, join=True)
+    return root, out, data
+
+
+def test_vae_ranks_end_with_identical_weights_and_one_run_dir(two_rank_vae):
+    root, out, _ = two_rank_vae
+    a, b = torch.load(root / "vae_rank0.pt"), torch.load(root / "vae_rank1.pt")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ckpt = load_checkpoint(out, "vae")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 11 and ckpt["epoch"] == 1
+    for name, value in ckpt["model"].items():  # the checkpoint holds the unwrapped model
+        assert torch.equal(value, a[name]), name
+    assert [int(r["epoch"]) for r in read_csv(out / "loss.csv")] == [1, 2]  # one row per epoch, not per rank
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+
+
+def test_vae_two_rank_run_resumes_with_one_rank(two_rank_vae):
+    _, out, data = two_rank_vae
+    vae_train.main(["--out", str(out), "--data-dir", data, *VAE_TINY, "--epochs", "3", "--resume"])
+    ckpt = load_checkpoint(out, "vae")
+    # 3 steps x 32 images = 96 images into epoch 2; with one rank (16 per step, 16 steps per
+    # epoch) that is step 16 + 6, and the run ends after epoch 3 at step 48.
+    assert ckpt["world_size"] == 1 and ckpt["epoch"] == 3 and ckpt["step"] == 48
+    assert [int(r["epoch"]) for r in read_csv(out / "loss.csv")] == [1, 2, 3]

@@ -50,17 +50,17 @@ def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def elbo_terms(
-    model: VAE, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None
 ) -> ElboTerms:
     """One-sample SGVB estimate of -L (Kingma & Welling 2013, eq. 10, L = 1), per example.
 
     x: [B, 784] or [B, 1, 28, 28] in [0, 1]; y: long [B] for the conditional VAE;
-    eps: [B, J] standard normal noise (drawn from the global RNG if None).
+    eps: [B, J] standard normal noise (drawn from the global RNG if None). `model` may be a
+    VAE wrapped in DistributedDataParallel: everything goes through its forward().
     """
     x = x.reshape(x.shape[0], -1)
-    mu, logvar = model.encode(x, y)
-    z = reparameterize(mu, logvar, eps)
-    recon = reconstruction_nll(x, model.decode(z, y))
+    logits, mu, logvar = model(x, y, eps)
+    recon = reconstruction_nll(x, logits)
     kl = kl_to_prior(mu, logvar)
     return ElboTerms(recon + kl, recon, kl)
 

@@ -109,9 +109,12 @@ class VAE(nn.Module):
         return self.dec_logits(h)
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One-sample pass: x [B, 784] -> (logits [B, 784], mu [B, J], logvar [B, J])."""
+        """One-sample pass: x [B, 784] -> (logits [B, 784], mu [B, J], logvar [B, J]).
+
+        eps [B, J]: the noise of the reparameterization (drawn from the global RNG if None).
+        """
         mu, logvar = self.encode(x, y)
-        z = reparameterize(mu, logvar)
+        z = reparameterize(mu, logvar, eps)
         return self.decode(z, y), mu, logvar
