@@ -71,6 +71,7 @@ class GaussianDiffusion:
       alphas                 = 1 - betas
       alpha_bar[t]           = prod_{i <= t} alphas[i]
       alpha_bar_prev[t]      = alpha_bar[t - 1], and 1 at t = 0
+      snr[t]                 = alpha_bar / (1 - alpha_bar)
       posterior_variance     = beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas  (Ho eq. 7)
       posterior_log_variance_clipped: log beta_tilde with the t = 0 entry (which is 0)
                                replaced by beta_tilde[1], so the log stays finite
@@ -94,6 +95,7 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         self.sqrt_recip_alpha_bar = self.alpha_bar.rsqrt()
         self.sqrt_recipm1_alpha_bar = (1.0 / self.alpha_bar - 1.0).sqrt()
+        self.snr = self.alpha_bar / (1.0 - self.alpha_bar)  # signal-to-noise ratio of xt
         # q(x_{t-1} | xt, x0) (Ho eq. 6-7).
         one_minus_ab = 1.0 - self.alpha_bar
         self.posterior_variance = betas * (1.0 - self.alpha_bar_prev) / one_minus_ab
@@ -403,24 +405,35 @@ class GaussianDiffusion:
         y: torch.Tensor | None,
         generator: torch.Generator | None = None,
         reduction: str = "mean",
+        snr_gamma: float | None = None,
     ) -> torch.Tensor:
         """L_simple (Ho et al. 2020, eq. 14: eq. 12 without its weights), averaged over pixels:
 
             E_{t, x0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
-        t is uniform over all T steps 0..T-1. reduction 'mean' gives the scalar batch mean,
-        'none' the per-example values [B].
+        t is uniform over all T steps 0..T-1. With `snr_gamma` each example's term is weighted
+        by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (the "Min-SNR"
+        weighting of Hang et al. 2023, eq. 9, written for eps-prediction): the nearly clean
+        steps, whose eps is hard to predict and matters little for samples, count less.
+        reduction 'mean' gives the scalar batch mean, 'none' the per-example values [B].
         """
         B = x0.shape[0]
         g_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.T, (B,), generator=generator, device=g_device).to(x0.device)
         eps = randn(x0.shape, generator, x0.device, x0.dtype)
         per_example = mean_flat((eps - eps_model(self.q_sample(x0, t, eps), t, y)) ** 2)
+        if snr_gamma is not None:
+            per_example = per_example * self.min_snr_weight(t, snr_gamma).to(per_example.dtype)
         if reduction == "mean":
             return per_example.mean()
         if reduction == "none":
             return per_example
         raise ValueError(f"unknown reduction {reduction!r} (use 'mean' or 'none')")
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """min(SNR_t, gamma) / SNR_t per example [B] (Hang et al. 2023); 1 where SNR_t <= gamma."""
+        snr = self._coef("snr", torch.empty(0, device=t.device))[t]  # float32: MPS has no float64
+        return snr.clamp(max=gamma) / snr
 
     @torch.no_grad()
     def vlb_bits_per_dim(

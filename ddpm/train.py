@@ -62,6 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     p_uncond: float = 0.1
+    snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023); None = L_simple
     timesteps: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -103,6 +104,12 @@ def build_parser() -> ArgumentParser:
         type=unit_float,
         default=d.p_uncond,
         help="probability of dropping the label (classifier-free guidance)",
+    )
+    p.add_argument(
+        "--snr-gamma",
+        type=positive_float,
+        default=d.snr_gamma,
+        help="weight each step's loss by min(SNR, gamma) / SNR (Min-SNR); default: unweighted L_simple",
     )
     p.add_argument("--timesteps", type=positive_int, default=d.timesteps, help="T, diffusion steps")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -301,7 +308,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
                 drop = torch.rand(y.shape, device=device) < cfg.p_uncond
                 y = torch.where(drop, torch.full_like(y, model.null_label), y)
                 with autocast:
-                    loss = diffusion.loss(net, x0, y)
+                    loss = diffusion.loss(net, x0, y, snr_gamma=cfg.snr_gamma)
                 loss_all = distributed.mean_across(d, loss).item()  # the same on every rank
                 if not math.isfinite(loss_all):
                     raise UserError(

@@ -362,6 +362,25 @@ def test_loss(diff):
     assert seen[0].min() == 0 and seen[0].max() == T - 1
 
 
+def test_min_snr_weighting(diff):
+    t = torch.arange(T)
+    snr = diff.alpha_bar / (1 - diff.alpha_bar)
+    w = diff.min_snr_weight(t, 5.0).double()
+    noisy = snr <= 5.0
+    assert 0 < noisy.sum() < T  # the schedule spans both sides of gamma
+    assert torch.allclose(w[noisy], torch.ones(int(noisy.sum()), dtype=torch.float64))
+    assert torch.allclose(w[~noisy], 5.0 / snr[~noisy], rtol=1e-4)
+    assert bool((w[1:] >= w[:-1]).all())  # non-decreasing in t: the clean end counts least
+    # the weighted loss is the unweighted per-example loss times the weight of each drawn t
+    x0 = point().expand(512, 1, 4, 4)
+    seen = []
+    plain = diff.loss(lambda xt, t, y: seen.append(t) or toy_model(xt, t, y), x0, None, generator=gen(29),
+                      reduction="none")  # fmt: skip
+    weighted = diff.loss(toy_model, x0, None, generator=gen(29), reduction="none", snr_gamma=5.0)
+    assert torch.allclose(weighted, plain * diff.min_snr_weight(seen[0], 5.0).to(plain.dtype))
+    assert bool((weighted < plain).any()) and bool((weighted <= plain + 1e-12).all())
+
+
 @pytest.fixture(scope="module")
 def grid_point():
     """Single-point data on the 256-level pixel grid, as a batch of 4 identical images."""
