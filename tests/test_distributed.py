@@ -2,6 +2,7 @@
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, argv: list[str], weights_dir: str) -> None:
-    """One ddpm.train rank: the environment torchrun would set, then the ordinary entry point."""
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives each of its processes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+
+
+def _rank(rank: int, world: int, port: int, argv: list[str], weights_dir: str) -> None:
+    """One ddpm.train rank: the environment torchrun would set, then the ordinary entry point."""
+    as_torchrun_rank(rank, world, port)
     model = ddpm_train.main(argv)
     torch.save(model.state_dict(), os.path.join(weights_dir, f"rank{rank}.pt"))
 
@@ -35,9 +41,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], weights_dir: str) -
 def _vae_rank(rank: int, world: int, port: int, argv: list[str], weights_dir: str) -> None:
     """One vaegen.train rank. Its main() returns metrics, not the model, so the model is
     caught as it is built, and each rank saves its own final weights."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     captured = {}
     original = vae_train.VAE
 
@@ -54,14 +58,19 @@ def _vae_rank(rank: int, world: int, port: int, argv: list[str], weights_dir: st
     torch.save(captured["model"].state_dict(), os.path.join(weights_dir, f"vae_rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
+def spawn_two_ranks(root: Path, target, flags: list[str]) -> tuple[Path, Path, str]:
+    """Run `target` as ranks 0 and 1 on a tiny synthetic MNIST; (root, run dir, data dir)."""
     data = str(write_fake_mnist(root / "mnist", n_train=256, n_test=32))
     out = root / "run"
-    argv = ["--out", str(out), "--data-dir", data, *TINY, "--epochs", "2", "--max-steps", "6"]
-    mp.spawn(_rank, args=(2, free_port(), argv, str(root)), nprocs=2, join=True)
+    argv = ["--out", str(out), "--data-dir", data, *flags]
+    mp.spawn(target, args=(2, free_port(), argv, str(root)), nprocs=2, join=True)
     return root, out, data
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    flags = [*TINY, "--epochs", "2", "--max-steps", "6"]
+    return spawn_two_ranks(tmp_path_factory.mktemp("ddp"), _rank, flags)
 
 
 def test_both_ranks_end_with_identical_weights(two_rank_run):
@@ -97,13 +106,9 @@ VAE_TINY = ["--batch-size", "16", "--device", "cpu", "--latent-dim", "4"]
 
 @pytest.fixture(scope="module")
 def two_rank_vae(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_vae")
-    data = str(write_fake_mnist(root / "mnist", n_train=256, n_test=32))
-    out = root / "run"
     # 256 images / (2 ranks x 16) = 8 steps per epoch: one full epoch, then 3 steps into the next
-    argv = ["--out", str(out), "--data-dir", data, *VAE_TINY, "--epochs", "3", "--max-steps", "11"]
-    mp.spawn(_vae_rank, args=(2, free_port(), argv, str(root)), nprocs=2, join=True)
-    return root, out, data
+    flags = [*VAE_TINY, "--epochs", "3", "--max-steps", "11"]
+    return spawn_two_ranks(tmp_path_factory.mktemp("ddp_vae"), _vae_rank, flags)
 
 
 def test_vae_ranks_end_with_identical_weights_and_one_run_dir(two_rank_vae):
