@@ -5,6 +5,8 @@ for data N(m, s^2) per pixel it is E[eps | xt] = sqrt(1 - a_t) / (a_t s^2 + 1 - 
 with a_t = alpha_bar_t. Both make the samplers and the bound checkable without training.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -299,6 +301,32 @@ def test_sample_guidance_one_batched_call(diff):
     calls.clear()
     diff.sample(model, y, guidance=w, null_label=0, generator=gen(20), **kw)
     assert torch.equal(calls[0][2], torch.tensor([2, 4, 6, 0, 0, 0]))
+
+
+def test_guidance_interval(diff):
+    calls = []
+
+    def model(xt, t, y):
+        calls.append((xt.shape[0], int(t[0])))
+        return toy_model(xt, t, y)
+
+    y = torch.tensor([2, 4, 6])
+    kw = dict(shape=(3, 1, 2, 2), sampler="ddim", steps=10, progress=False, dtype=F64)
+    sigma = diff.sqrt_recipm1_alpha_bar
+    # an interval holding every step's sigma is plain guidance; an empty one is w = 0
+    full = diff.sample(model, y, guidance=2.0, generator=gen(21), guidance_interval=(0.0, math.inf), **kw)
+    assert torch.equal(full, diff.sample(toy_model, y, guidance=2.0, generator=gen(21), **kw))
+    none = diff.sample(toy_model, y, guidance=2.0, generator=gen(21), guidance_interval=(5.0, 5.0), **kw)
+    assert torch.equal(none, diff.sample(toy_model, y, guidance=0.0, generator=gen(21), **kw))
+    # in between: batch 2B exactly at the steps with lo < sigma_t <= hi, batch B elsewhere
+    lo, hi = 0.5, 3.0
+    calls.clear()
+    mixed = diff.sample(model, y, guidance=2.0, generator=gen(21), guidance_interval=(lo, hi), **kw)
+    guided_steps = [t for n, t in calls if n == 6]
+    assert guided_steps and len(guided_steps) < len(calls)
+    for n, t in calls:
+        assert (n == 6) == bool(lo < sigma[t] <= hi), (n, t)
+    assert not torch.equal(mixed, full) and not torch.equal(mixed, none)
 
 
 def test_sample_shapes_range_and_unconditional(diff):
