@@ -508,4 +508,3 @@ class GaussianDiffusion:
             "terms": terms,
             "decoder": terms[:, 0].clone(),
         }
-

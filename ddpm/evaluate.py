@@ -43,7 +43,7 @@ from common.data import load_mnist, to_signed
 from common.metrics import judge_summary, load_judge, score
 from common.runtime import count_params, pick_device
 from common.samples import save_samples
-from ddpm.sample import generate, load_model, requested_labels
+from ddpm.sample import add_guidance_interval_flag, generate, load_model, requested_labels
 
 GOAL_ACCURACY, GOAL_FD_RATIO = 0.99, 1.5
 BEST_RULE = (
@@ -98,6 +98,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
     p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise (0: deterministic)")
+    add_guidance_interval_flag(p)
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     a.seed * 100_003 + b,
                     batch_size=a.batch_size,
                     progress=False,
+                    guidance_interval=a.guidance_interval,
                 )
             )
             times.append((time.perf_counter() - t0) * 100 / len(yb))
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sampler": sampler,
             "steps": steps,
             "guidance": w,
+            "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
             "eta": a.eta if sampler == "ddim" else None,
             "n": n,
             "seconds_per_100": sorted(times)[len(times) // 2],

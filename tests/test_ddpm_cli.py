@@ -155,6 +155,9 @@ def test_sample_is_reproducible_and_uses_the_ema(run, tmp_path):
     sample(run, "--n", "10", "--steps", "5", "--out", str(tmp_path / "a.npz"))
     sample(run, "--n", "10", "--steps", "5", "--out", str(tmp_path / "b.npz"))
     assert np.array_equal(np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"])
+    # guidance in an interval holding every step's noise level draws what plain guidance draws
+    sample(run, "--n", "10", "--steps", "5", "--guidance-interval", "0,1e9", "--out", str(tmp_path / "c.npz"))
+    assert np.array_equal(np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "c.npz")["images"])
     model, _, ckpt = ddpm_sample.load_model(run, torch.device("cpu"))
     for name, value in model.state_dict().items():  # checkpoint round trip: the EMA weights
         assert torch.equal(value, ckpt["ema"][name])
@@ -169,6 +172,8 @@ def test_sample_is_reproducible_and_uses_the_ema(run, tmp_path):
         (["--guidance", "-1"], "a number >= 0"),
         (["--eta", "1.5"], "a number in [0, 1]"),
         (["--n", "0"], "an integer >= 1"),
+        (["--guidance-interval", "3,1"], "expected 0 <= LO < HI"),
+        (["--guidance-interval", "1"], "expected LO,HI"),
     ],
 )
 def test_sample_bad_flags(run, tmp_path, capsys, args, message):
