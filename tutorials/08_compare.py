@@ -103,7 +103,7 @@ for name in NAMES:
             "--out", str(run), "--overwrite", "--data-dir", data_root, "--device", "cpu", "--epochs", "1",
             "--base-channels", str(tut.size(16, 8)), "--channel-mult", tut.size("1,2,4", "1,2"),
             "--blocks-per-level", tut.size("0,1,1", "0,1"), "--attention-levels", tut.size("2", ""),
-            "--batch-size", str(tut.size(128, 16)), "--warmup-steps", str(tut.size(50, 2)),
+            "--batch-size", str(tut.size(64, 16)), "--warmup-steps", str(tut.size(50, 2)),
             "--timesteps", str(tut.size(1000, 50)),
         ]  # fmt: skip
         if tut.quick:
