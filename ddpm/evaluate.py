@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples": best_setting["metrics"],
         "settings": settings,
         "judge": judge_summary(judge),
-        "curve": {"x": "step", "y": ["loss"], "ylabel": "loss (eps MSE)", "logy": True},
+        "curve": {"x": "step", "y": ["loss"], "ylabel": "training loss", "logy": True},
         "eval_seconds": time.perf_counter() - started,
     }
     write_json(run / "metrics.json", metrics)

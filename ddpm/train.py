@@ -2,7 +2,9 @@
 
 One optimizer step: draw t ~ U{0..T-1} and eps ~ N(0, I), form x_t = q_sample(x0, t, eps),
 regress eps_model(x_t, t, y) onto eps (Ho et al. 2020, Algorithm 1), with the label replaced
-by the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1). Weights are
+by the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1); each t's squared
+error is weighted by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023; --snr-gamma 0 gives
+the unweighted L_simple of Ho et al. eq. 14). Weights are
 averaged (EMA) for sampling. Checkpoints are written at each epoch end, when a --minutes
 budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues exactly.
 """
@@ -282,6 +284,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
+    loss_name = f"eps MSE, Min-SNR {cfg.snr_gamma:g} weighted" if cfg.snr_gamma else "eps MSE"
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     budget = cfg.minutes * 60 if cfg.minutes else math.inf
     if log:
@@ -357,7 +360,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
             if log:
                 print(
                     f"epoch {epoch + 1}: step {step}, {seconds / 60:.1f} min, "
-                    f"last loss {loss_all:.4f} (eps MSE)",
+                    f"last loss {loss_all:.4f} ({loss_name})",
                     flush=True,
                 )
 
@@ -366,10 +369,10 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
         if rows:
             plot_curves(
                 [r["step"] for r in rows],
-                {"eps MSE": [r["loss"] for r in rows]},
+                {loss_name: [r["loss"] for r in rows]},
                 out / "loss.png",
                 "step",
-                "loss (eps MSE)",
+                f"loss ({loss_name})",
                 title="DDPM training loss",
                 logy=True,
             )

@@ -73,12 +73,15 @@ def two_rank_run(tmp_path_factory):
     return spawn_two_ranks(tmp_path_factory.mktemp("ddp"), _rank, flags)
 
 
-def test_both_ranks_end_with_identical_weights(two_rank_run):
-    root, _, _ = two_rank_run
-    a, b = torch.load(root / "rank0.pt"), torch.load(root / "rank1.pt")
+def assert_ranks_hold_identical_weights(root: Path, prefix: str) -> None:
+    a, b = torch.load(root / f"{prefix}rank0.pt"), torch.load(root / f"{prefix}rank1.pt")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_both_ranks_end_with_identical_weights(two_rank_run):
+    assert_ranks_hold_identical_weights(two_rank_run[0], "")
 
 
 def test_run_dir_is_written_once_by_rank_zero(two_rank_run):
@@ -113,13 +116,12 @@ def two_rank_vae(tmp_path_factory):
 
 def test_vae_ranks_end_with_identical_weights_and_one_run_dir(two_rank_vae):
     root, out, _ = two_rank_vae
-    a, b = torch.load(root / "vae_rank0.pt"), torch.load(root / "vae_rank1.pt")
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_ranks_hold_identical_weights(root, "vae_")
+    rank0 = torch.load(root / "vae_rank0.pt")
     ckpt = load_checkpoint(out, "vae")
     assert ckpt["world_size"] == 2 and ckpt["step"] == 11 and ckpt["epoch"] == 1
     for name, value in ckpt["model"].items():  # the checkpoint holds the unwrapped model
-        assert torch.equal(value, a[name]), name
+        assert torch.equal(value, rank0[name]), name
     assert [int(r["epoch"]) for r in read_csv(out / "loss.csv")] == [1, 2]  # one row per epoch, not per rank
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
 
