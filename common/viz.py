@@ -1,7 +1,12 @@
-"""Figures: image grids (torchvision's make_grid) and training curves (matplotlib, Agg)."""
+"""Figures: image grids and training curves (matplotlib, Agg).
+
+Grids are tiled here with einops rather than by torchvision, whose import costs seconds
+(it pulls in torch._dynamo): every command and tutorial that draws a grid would pay it.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +15,23 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from einops import rearrange  # noqa: E402
+from matplotlib import image as mpimg  # noqa: E402
+
+
+def tile(images: torch.Tensor, nrow: int = 10, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """Images [N, C, H, W] -> one grid [C, H', W'], `nrow` per row, `pad`-pixel gutters around each.
+
+    The last row is filled with `pad_value`; fewer than `nrow` images make a single, shorter row.
+    """
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    cells = images.new_full((rows * cols, c, h + pad, w + pad), pad_value)
+    cells[:n, :, pad:, pad:] = images
+    grid = rearrange(cells, "(r k) c h w -> c (r h) (k w)", k=cols)
+    return F.pad(grid, (0, pad, 0, pad), value=pad_value)  # the right and bottom gutters
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
@@ -17,13 +39,15 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int =
 
     images: uint8 [N, H, W] or [N, 1, H, W] in 0..255, or float in [0, 1].
     """
-    from torchvision.utils import save_image  # lazy: importing torchvision costs seconds
-
     if images.dim() == 3:
         images = images.unsqueeze(1)
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    grid = rearrange(tile(x, nrow, pad), "c h w -> h w c")
+    grid = (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # rounded, so uint8 input round-trips
+    if grid.shape[-1] == 1:
+        grid = grid.expand(-1, -1, 3)  # grey as RGB: the PNG shows the values, not a colour map
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=nrow, padding=pad, pad_value=1.0)
+    mpimg.imsave(str(path), grid.contiguous().numpy())
 
 
 def save_digit_grid(

@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.cli import UserError
 from common.samples import load_samples, save_samples
-from common.viz import plot_curves, save_digit_grid, save_grid
+from common.viz import plot_curves, save_digit_grid, save_grid, tile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,6 +26,15 @@ def _png(path) -> np.ndarray:
 def _cell(grid: np.ndarray, row: int, col: int, size: int = 28, pad: int = 2) -> np.ndarray:
     top, left = pad + row * (size + pad), pad + col * (size + pad)
     return grid[top : top + size, left : left + size]
+
+
+@pytest.mark.parametrize("n", [2, 7, 10, 23])  # (make_grid returns one image unpadded)
+def test_tile_lays_out_like_torchvision_make_grid(n):
+    from torchvision.utils import make_grid  # the layout readers know; we tile without importing it
+
+    x = torch.rand(n, 3, 5, 4, generator=torch.Generator().manual_seed(n))
+    expected = make_grid(x, nrow=10, padding=2, pad_value=1.0)
+    assert torch.equal(tile(x, nrow=10, pad=2, pad_value=1.0), expected)
 
 
 def test_save_grid_uint8_layout_and_exact_pixels(tmp_path):

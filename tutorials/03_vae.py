@@ -29,8 +29,8 @@ import time
 import matplotlib.pyplot as plt
 import torch
 from _common import check, claim, setup, step
-from torchvision.utils import make_grid
 
+from common import viz
 from common.data import batch_indices, to_unit
 from common.distributions import standard_normal_kl
 from common.runtime import count_params
@@ -44,7 +44,7 @@ tut = setup("03_vae", "train a VAE: the two ELBO terms, samples, reconstructions
 
 def tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
     """Images [N, 784] or [N, 28, 28] in [0, 1] -> one [H, W] grid for imshow (white gutters)."""
-    grid = make_grid(images.reshape(-1, 1, 28, 28).float(), nrow=nrow, padding=2, pad_value=1.0)
+    grid = viz.tile(images.reshape(-1, 1, 28, 28).float(), nrow)
     return grid[0]
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from _common import REPO, check, claim, setup, step
-from torchvision.utils import make_grid
 
+from common import viz
 from common.checkpoint import read_csv
 from common.data import signed_to_uint8, to_signed
 from common.runtime import count_params
@@ -48,7 +48,7 @@ cpu = torch.device("cpu")
 def tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
     """uint8 [N, 28, 28] -> one [H, W] grid in [0, 1] for imshow (white gutters)."""
     x = images.reshape(-1, 1, 28, 28).float() / 255
-    return make_grid(x, nrow=nrow, padding=2, pad_value=1.0)[0]
+    return viz.tile(x, nrow)[0]
 
 
 def knn_judge(reference: torch.Tensor, labels: torch.Tensor, k: int = 5):

@@ -37,9 +37,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from _common import REPO, claim, setup, step
-from torchvision.utils import make_grid
 
-from common import compare, metrics
+from common import compare, metrics, viz
 from common.samples import load_samples
 from ddpm import evaluate as ddpm_evaluate
 from ddpm import train as ddpm_train
@@ -251,7 +250,7 @@ def tile(images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         order = torch.cat([torch.nonzero(labels == d).flatten()[:10] for d in range(10)])
         images = images[order]
     x = images[:100].reshape(-1, 1, 28, 28).float() / 255
-    return make_grid(x, nrow=10, padding=2, pad_value=1.0)[0]
+    return viz.tile(x, 10)[0]
 
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
