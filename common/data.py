@@ -142,7 +142,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if len(data) != start + math.prod(shape):
         raise ValueError(f"{Path(path).name}: {len(data) - start} bytes of data for shape {shape}")
-    return torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=start).reshape(shape)
 
 
 def write_idx(path: str | Path, array: torch.Tensor) -> None:

@@ -422,7 +422,7 @@ class GaussianDiffusion:
 
             E_{t, x0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
-        t is uniform over all T steps 0..T-1. With `snr_gamma` each example's term is weighted
+        t is uniform over all T steps 0..T-1. With `snr_gamma` > 0 each example's term is weighted
         by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (the "Min-SNR"
         weighting of Hang et al. 2023, eq. 9, written for eps-prediction): the nearly clean
         steps, whose eps is hard to predict and matters little for samples, count less.
@@ -433,7 +433,7 @@ class GaussianDiffusion:
         t = torch.randint(0, self.T, (B,), generator=generator, device=g_device).to(x0.device)
         eps = randn(x0.shape, generator, x0.device, x0.dtype)
         per_example = mean_flat((eps - eps_model(self.q_sample(x0, t, eps), t, y)) ** 2)
-        if snr_gamma is not None:
+        if snr_gamma:  # None or 0: unweighted (a weight of min(SNR, 0) would zero every term)
             per_example = per_example * self.min_snr_weight(t, snr_gamma).to(per_example.dtype)
         if reduction == "mean":
             return per_example.mean()

@@ -311,7 +311,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
                 drop = torch.rand(y.shape, device=device) < cfg.p_uncond
                 y = torch.where(drop, torch.full_like(y, model.null_label), y)
                 with autocast:
-                    loss = diffusion.loss(net, x0, y, snr_gamma=cfg.snr_gamma or None)
+                    loss = diffusion.loss(net, x0, y, snr_gamma=cfg.snr_gamma)
                 loss_all = distributed.mean_across(d, loss).item()  # the same on every rank
                 if not math.isfinite(loss_all):
                     raise UserError(

@@ -73,11 +73,13 @@ def two_rank_run(tmp_path_factory):
     return spawn_two_ranks(tmp_path_factory.mktemp("ddp"), _rank, flags)
 
 
-def assert_ranks_hold_identical_weights(root: Path, prefix: str) -> None:
+def assert_ranks_hold_identical_weights(root: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Both ranks' saved weights are equal; returns rank 0's state dict."""
     a, b = torch.load(root / f"{prefix}rank0.pt"), torch.load(root / f"{prefix}rank1.pt")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    return a
 
 
 def test_both_ranks_end_with_identical_weights(two_rank_run):
@@ -116,8 +118,7 @@ def two_rank_vae(tmp_path_factory):
 
 def test_vae_ranks_end_with_identical_weights_and_one_run_dir(two_rank_vae):
     root, out, _ = two_rank_vae
-    assert_ranks_hold_identical_weights(root, "vae_")
-    rank0 = torch.load(root / "vae_rank0.pt")
+    rank0 = assert_ranks_hold_identical_weights(root, "vae_")
     ckpt = load_checkpoint(out, "vae")
     assert ckpt["world_size"] == 2 and ckpt["step"] == 11 and ckpt["epoch"] == 1
     for name, value in ckpt["model"].items():  # the checkpoint holds the unwrapped model

@@ -44,8 +44,7 @@ tut = setup("03_vae", "train a VAE: the two ELBO terms, samples, reconstructions
 
 def tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
     """Images [N, 784] or [N, 28, 28] in [0, 1] -> one [H, W] grid for imshow (white gutters)."""
-    grid = viz.tile(images.reshape(-1, 1, 28, 28).float(), nrow)
-    return grid[0]
+    return viz.tile(images.reshape(-1, 1, 28, 28).float(), nrow)[0]
 
 
 def show(ax, images: torch.Tensor, nrow: int, title: str) -> None:
