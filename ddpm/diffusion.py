@@ -264,11 +264,12 @@ class GaussianDiffusion:
     def sampling_coefficients(
         self, ts: torch.Tensor, sampler: str = "ddpm", eta: float = 0.0
     ) -> torch.Tensor:
-        """Per-step coefficients (a, b, c, d, sigma), float64 [S, 5], for the visited steps `ts`.
+        """Per-step coefficients (a, b, c, d, sigma, e), float64 [S, 6], for the visited steps `ts`.
 
-        Both samplers are, per step from t to the next visited s (s = -1 after the last):
+        Every sampler is, per step from t to the next visited s (s = -1 after the last):
             x0_hat = a xt - b eps_pred           a = sqrt(1/a_t), b = sqrt(1/a_t - 1)   (eq. 4 inverted)
-            x_s    = c clip(x0_hat) + d xt + sigma z
+            D      = clip(x0_hat) + e (clip(x0_hat) - x0_hat_prev)     (e = 0 but for dpm2m)
+            x_s    = c D + d xt + sigma z
         with a_t = alpha_bar_t, a_s = alpha_bar_s (1 for s = -1), and
           ddpm: the posterior q(x_s | xt, x0) of Ho eq. 6-7 for the respaced process whose
                 step s -> t has beta' = 1 - a_t / a_s (Nichol & Dhariwal 2021, section 4):
@@ -276,7 +277,16 @@ class GaussianDiffusion:
                 sigma^2 = (1 - a_s) / (1 - a_t) beta'  (for all T steps: exactly Ho eq. 7);
           ddim: Song et al. 2021 eq. 12 with eps rewritten through x0_hat and xt,
                 k = sqrt(1 - a_s - sigma^2) / sqrt(1 - a_t), c = sqrt(a_s) - k sqrt(a_t), d = k,
-                sigma from eq. 16.
+                sigma from eq. 16;
+          dpm2m: DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the DDIM
+                (eta = 0) step, which is its first-order case, applied to a linear extrapolation
+                D of the x0 predictions in lambda = log(sqrt(a) / sqrt(1 - a)): with
+                h_i = lambda_s - lambda_t and r = h_{i-1} / h_i, D = (1 + 1/(2r)) x0_hat_i -
+                1/(2r) x0_hat_{i-1}, so e = h_i / (2 h_{i-1}). e = 0 (first order) at the
+                first step (no history), at the last (lambda_s = inf; x_s = x0_hat) and at the
+                one into t = 0: lambda jumps there (3.4 over the last of 10 steps against 0.7
+                before), and extrapolating over that jump overshoots (the "lower order final"
+                of Lu et al.). `eta` is ignored.
         """
         ts = ts.long().cpu()
         ts_prev = torch.cat([ts[1:], ts.new_tensor([-1])])
@@ -284,6 +294,7 @@ class GaussianDiffusion:
         a_s = torch.where(ts_prev >= 0, self.alpha_bar[ts_prev.clamp(min=0)], torch.ones_like(a_t))
         a = a_t.rsqrt()
         b = (1.0 / a_t - 1.0).sqrt()
+        e = torch.zeros_like(a_t)
         if sampler == "ddpm":
             beta = 1.0 - a_t / a_s
             c = a_s.sqrt() * beta / (1.0 - a_t)
@@ -294,9 +305,17 @@ class GaussianDiffusion:
             k = (1.0 - a_s - sigma**2).clamp(min=0.0).sqrt() / (1.0 - a_t).sqrt()
             c = a_s.sqrt() - k * a_t.sqrt()
             d = k
+        elif sampler == "dpm2m":
+            sigma = torch.zeros_like(a_t)
+            d = ((1.0 - a_s) / (1.0 - a_t)).sqrt()
+            c = a_s.sqrt() - d * a_t.sqrt()
+            lam = 0.5 * torch.log(a_t / (1.0 - a_t))  # lambda at each visited t
+            lam_s = torch.cat([lam[1:], lam.new_tensor([float("inf")])])
+            h = lam_s - lam
+            e[1:-2] = h[1:-2] / (2.0 * h[:-3])
         else:
-            raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm' or 'ddim')")
-        return torch.stack([a, b, c, d, sigma], dim=1)
+            raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm', 'ddim' or 'dpm2m')")
+        return torch.stack([a, b, c, d, sigma, e], dim=1)
 
     @torch.no_grad()
     def sample(
@@ -379,9 +398,10 @@ class GaussianDiffusion:
         noise = torch.empty(shape, device=device, dtype=dtype)
         noise_here = generator is None or generator.device.type == device.type
         trajectory: list[tuple[int, torch.Tensor]] = []
+        x0_prev = x  # dpm2m's previous x0_hat (unused at its first step, where e = 0)
 
         for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", disable=not progress, leave=False):
-            a, b, c, d, sigma = coefs[i]
+            a, b, c, d, sigma, e = coefs[i]
             if guide_at[i]:
                 e_cond, e_uncond = eps_model(torch.cat([x, x]), t_in[i], y_in).chunk(2)
                 eps = torch.lerp(e_uncond, e_cond, 1.0 + w)
@@ -392,6 +412,9 @@ class GaussianDiffusion:
             x0_hat = torch.add(x * a, eps, alpha=-b)
             if clip:
                 x0_hat.clamp_(-1.0, 1.0)
+            if sampler == "dpm2m":  # second order: extrapolate from the previous step's x0_hat
+                d_hat = torch.lerp(x0_prev, x0_hat, 1.0 + e) if e else x0_hat.clone()
+                x0_prev, x0_hat = x0_hat, d_hat
             x_next = x0_hat.mul_(c).add_(x, alpha=d)  # x0_hat's buffer is fresh: reuse it
             if sigma > 0:
                 if noise_here:

@@ -62,12 +62,12 @@ def guidance_list(text: str) -> list[float]:
 
 
 def sampler_list(text: str) -> list[tuple[str, int | None]]:
-    """`ddpm,ddim50,ddim10` -> [('ddpm', None), ('ddim', 50), ('ddim', 10)]; None = all T steps."""
+    """`ddpm,ddim50,dpm2m10` -> [('ddpm', None), ('ddim', 50), ('dpm2m', 10)]; None = all T steps."""
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        m = re.fullmatch(r"(ddpm|ddim)(\d*)", part)
+        m = re.fullmatch(r"(ddpm|ddim|dpm2m)(\d*)", part)
         if not m or (m.group(2) and int(m.group(2)) < 1):
-            raise argparse.ArgumentTypeError(f"expected samplers like ddpm, ddpm1000, ddim50, got {part!r}")
+            raise argparse.ArgumentTypeError(f"expected samplers like ddpm, ddim50, dpm2m20, got {part!r}")
         out.append((m.group(1), int(m.group(2)) if m.group(2) else None))
     if not out:
         raise argparse.ArgumentTypeError(f"expected samplers like ddpm,ddim50,ddim10, got {text!r}")
@@ -87,7 +87,8 @@ def build_parser() -> ArgumentParser:
         "--samplers",
         type=sampler_list,
         default=sampler_list("ddpm,ddim50,ddim20,ddim10"),
-        help="ddpm (ancestral, all T steps) or ddpmS / ddimS with S steps, comma-separated",
+        help="ddpm (ancestral, all T steps) or ddpmS / ddimS / dpm2mS (DPM-Solver++(2M)) with S "
+        "steps, comma-separated",
     )
     p.add_argument("--n", type=positive_int, default=1000, help="samples per setting (n/10 per digit)")
     p.add_argument(

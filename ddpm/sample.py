@@ -93,7 +93,12 @@ def build_parser() -> ArgumentParser:
     which.add_argument(
         "--labels", type=digit_list, default=None, help="comma-separated digits, repeated to --n"
     )
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=DEFAULT_SAMPLER)
+    p.add_argument(
+        "--sampler",
+        choices=["ddpm", "ddim", "dpm2m"],
+        default=DEFAULT_SAMPLER,
+        help="ddpm: ancestral; ddim: deterministic for --eta 0; dpm2m: DPM-Solver++(2M), second order",
+    )
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="denoising steps (<= T)")
     p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise: 0 deterministic, 1 ~ DDPM")
     p.add_argument(
