@@ -1,8 +1,9 @@
 """Draw digits from a trained DDPM: `python -m ddpm.sample --help`.
 
 Writes the shared samples format (`images` uint8 [N, 28, 28], `labels` int64 [N]) and a PNG
-grid beside it. EMA weights by default. DDIM with few steps and classifier-free guidance is
-the fast path; `--sampler ddpm --steps 1000` is the original ancestral sampler.
+grid beside it. EMA weights by default. A few steps of DPM-Solver++(2M) (the default) or DDIM
+with classifier-free guidance is the fast path; `--sampler ddpm --steps 1000` is the original
+ancestral sampler.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedule import cosine_betas
 from ddpm.unet import UNet, UNetConfig
 
-# The fastest setting that met the quality goal in our measurements (see README, Results).
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "ddim", 10, 1.0
+# The cheapest setting at >= 99 % judged accuracy in our measurements (README, Results): at the
+# same cost, 10 DPM-Solver++(2M) steps scored FD 3.07 where 10 DDIM steps scored 3.35.
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "dpm2m", 10, 1.0
 DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = None  # guide every step
 
 
