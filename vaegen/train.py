@@ -64,9 +64,12 @@ SAMPLE_SEED = 1234  # fixed latents for the per-epoch sample grids (watch one se
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vaegen.train", description=__doc__)
     p.add_argument("--out", default="results/vae", help="run directory")
-    p.add_argument("--epochs", type=positive_int, default=30, help="passes over the 60k training images")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
-    p.add_argument("--lr", type=positive_float, default=4e-3, help="Adam learning rate (peak, if scheduled)")
+    # Defaults measured on 2 CPU cores (README, The VAE): a large batch keeps the matrix
+    # multiplies busy (2.7 s per epoch against 5.5 s at batch 128) and the higher peak rate
+    # of the cosine schedule makes up for the fewer steps.
+    p.add_argument("--epochs", type=positive_int, default=35, help="passes over the 60k training images")
+    p.add_argument("--batch-size", type=positive_int, default=768, help="images per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=1.2e-2, help="Adam learning rate (peak, if scheduled)")
     p.add_argument(
         "--schedule",
         choices=("cosine", "constant"),
