@@ -90,7 +90,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_di
 
 def test_overwrite_replaces_a_run(tmp_path, data_dir):
     out = str(tmp_path / "run")
-    args = ["--out", out, "--data-dir", data_dir, "--epochs", "1", "--device", "cpu"]
+    args = ["--out", out, "--data-dir", data_dir, "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
     train.main([*args, "--max-steps", "1"])
     train.main([*args, "--overwrite", "--max-steps", "2"])
     assert torch.load(f"{out}/checkpoint.pt", weights_only=True)["step"] == 2
