@@ -299,8 +299,10 @@ tut.save(fig, "guidance.png")
 # DDIM with eta = 0 (Song et al. 2021) is deterministic: the sample is a function of x_T, and as
 # the number of steps grows it converges to the solution of an ODE (tutorial 05, step 4). So
 # from the same x_T, DDIM with 10, 20 and 50 steps gives nearly the same digit, each closer to
-# the 50-step one, at a fifth and two fifths of its cost: that is why `ddpm.sample` defaults to
-# DDIM with 10 steps.
+# the 50-step one, at a fifth and two fifths of its cost. `ddpm.sample` goes one step further:
+# its default, DPM-Solver++(2M) with 10 steps (Lu et al. 2022; `sampler="dpm2m"`), solves the
+# same ODE to second order by extrapolating from the previous step's x0 guess, and at 20 steps
+# scores what DDIM scores at 50 (README, Results).
 #
 # The 1000-step DDPM of step 2 starts from the same x_T but adds fresh noise at every step, so
 # it ends at a different sample of the same class, for 1000 network calls per digit. Its
