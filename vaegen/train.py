@@ -69,7 +69,7 @@ def build_parser() -> ArgumentParser:
     # of the cosine schedule makes up for the fewer steps.
     p.add_argument("--epochs", type=positive_int, default=35, help="passes over the 60k training images")
     p.add_argument("--batch-size", type=positive_int, default=768, help="images per optimizer step")
-    p.add_argument("--lr", type=positive_float, default=1.2e-2, help="peak Adam learning rate")
+    p.add_argument("--lr", type=positive_float, default=1.2e-2, help="Adam learning rate (cosine: peak)")
     p.add_argument(
         "--schedule",
         choices=("cosine", "constant"),
