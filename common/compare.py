@@ -79,6 +79,11 @@ def settings_of(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def sampler_label(s: dict[str, Any]) -> str:
+    """'DPM2M 10' for a sweep setting of ddpm.evaluate, 'DPM2M 10 karras' with Karras step spacing."""
+    return f"{s['sampler'].upper()} {s['steps']}" + (" karras" if s.get("spacing") == "karras" else "")
+
+
 # ----------------------------------------------------------------------------- figures
 def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """FD / floor (log) against conditional accuracy; one curve per sampler+steps over guidance w."""
@@ -87,7 +92,7 @@ def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str =
     for s in settings:
         if s["metrics"].get("accuracy") is None or s["metrics"].get("fd_ratio") is None:
             continue
-        groups.setdefault(f"{s['sampler'].upper()} {s['steps']}", []).append(s)
+        groups.setdefault(sampler_label(s), []).append(s)
     for name, group in groups.items():
         group = sorted(group, key=lambda s: s["guidance"] or 0)
         xs = [100 * s["metrics"]["accuracy"] for s in group]
@@ -287,7 +292,7 @@ def table_rows(m: dict[str, Any]) -> list[str]:
         setting = (
             "decoder (1 pass)"
             if s["sampler"] == "decoder"
-            else (f"{s['sampler'].upper()} {s['steps']}, w={s['guidance']:g}")
+            else f"{sampler_label(s)}, w={s['guidance']:g}"
         )
         name = f"**{label}**" if best else label
         if best:

@@ -250,16 +250,38 @@ class GaussianDiffusion:
         return x_prev
 
     # ------------------------------------------------------------------ samplers
-    def timesteps(self, steps: int | None = None) -> torch.Tensor:
-        """The steps a sampler visits: `steps` evenly spaced indices from T-1 down to 0, long [steps].
+    def timesteps(
+        self, steps: int | None = None, spacing: str = "uniform", rho: float = 7.0, sigma_max: float = 80.0
+    ) -> torch.Tensor:
+        """The steps a sampler visits, long [steps], from T-1 down to t = 0.
 
-        steps = None or T gives T-1, T-2, ..., 0; fewer give a rounded evenly spaced
-        sub-sequence that starts at T-1 and ends at t = 0 (steps = 1 gives just T-1).
+        steps = None or T gives T-1, T-2, ..., 0; fewer give (steps = 1 gives just T-1):
+          'uniform': a rounded evenly spaced sub-sequence of the indices;
+          'karras':  evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5), where
+                     sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t):
+                       sigma_i = (sigma_max^(1/rho) + i / (S-1) (sigma_0^(1/rho) - sigma_max^(1/rho)))^rho,
+                     each mapped to the first t with sigma_t >= sigma_i. The first step is
+                     still T-1 (x_T is pure noise); ties, where steps crowd at low noise, are
+                     pushed apart so the S steps stay distinct.
         """
         steps = self.T if steps is None else int(steps)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in 1..{self.T}, got {steps}")
-        return torch.floor(torch.linspace(self.T - 1, 0, steps, dtype=torch.float64) + 0.5).long()
+        if spacing == "uniform" or steps in (1, self.T):
+            return torch.floor(torch.linspace(self.T - 1, 0, steps, dtype=torch.float64) + 0.5).long()
+        if spacing != "karras":
+            raise ValueError(f"unknown spacing {spacing!r} (use 'uniform' or 'karras')")
+        sigma = self.sqrt_recipm1_alpha_bar  # increasing in t
+        lo, hi = sigma[0].item() ** (1 / rho), min(sigma_max, sigma[-1].item()) ** (1 / rho)
+        sigma_i = torch.linspace(hi, lo, steps, dtype=torch.float64) ** rho
+        ts = torch.searchsorted(sigma, sigma_i).clamp(max=self.T - 1).tolist()
+        ts[0] = self.T - 1
+        for i in range(1, steps):  # strictly decreasing from the top ...
+            ts[i] = min(ts[i], ts[i - 1] - 1)
+        ts[-1] = 0
+        for i in range(steps - 2, -1, -1):  # ... and ending at t = 0 (stays below T: steps <= T)
+            ts[i] = max(ts[i], ts[i + 1] + 1)
+        return torch.tensor(ts, dtype=torch.long)
 
     def sampling_coefficients(
         self, ts: torch.Tensor, sampler: str = "ddpm", eta: float = 0.0
@@ -332,6 +354,7 @@ class GaussianDiffusion:
         clip: bool = True,
         null_label: int = 10,
         guidance_interval: tuple[float, float] | None = None,
+        spacing: str = "uniform",
         return_trajectory: bool = False,
         xT: torch.Tensor | None = None,
         device: torch.device | str | None = None,
@@ -341,7 +364,8 @@ class GaussianDiffusion:
 
         - sampler 'ddpm': ancestral sampling, Ho et al. 2020 Algorithm 2 (variance beta_tilde);
           'ddim': Song et al. 2021 eq. 12 with sigma from eq. 16 (eta = 0: deterministic).
-        - steps: None = all T; fewer visit `timesteps(steps)` (evenly spaced, ending at t = 0).
+        - steps: None = all T; fewer visit `timesteps(steps, spacing)` ('uniform': evenly
+          spaced indices; 'karras': denser at both ends, Karras et al. 2022), ending at t = 0.
         - y: labels long [B], or None for a fully unconditional model call (eps_model(x, t, None)).
         - guidance w > 0: eps~ = (1 + w) eps(x, y) - w eps(x, null_label) (Ho & Salimans 2022,
           eq. 6), both passes in one eps_model call of batch 2B.
@@ -378,7 +402,7 @@ class GaussianDiffusion:
         if y is not None and len(y) != shape[0]:
             raise ValueError(f"sample: {len(y)} labels for a batch of {shape[0]}")
 
-        ts = self.timesteps(steps)
+        ts = self.timesteps(steps, spacing)
         coefs = self.sampling_coefficients(ts, sampler, eta).tolist()  # python floats: no per-step casts
         if xT is not None:
             x = xT.to(device=device, dtype=dtype)

@@ -43,7 +43,7 @@ from common.data import load_mnist, to_signed
 from common.metrics import judge_summary, load_judge, score
 from common.runtime import count_params, pick_device
 from common.samples import save_samples
-from ddpm.sample import add_guidance_interval_flag, generate, load_model, requested_labels
+from ddpm.sample import add_sampler_flags, generate, load_model, requested_labels
 
 GOAL_ACCURACY, GOAL_FD_RATIO = 0.99, 1.5
 BEST_RULE = (
@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
     p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise (0: deterministic)")
-    add_guidance_interval_flag(p)
+    add_sampler_flags(p)
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if steps > T:
             raise UserError(f"--samplers {sampler}{steps}: more steps than the model's T = {T}")
         for w in a.guidance:
-            name = f"{sampler}{steps}_w{w:g}"
+            name = f"{sampler}{steps}_w{w:g}" + ("_karras" if a.spacing == "karras" and steps < T else "")
             if name not in {g[0] for g in grid}:
                 grid.append((name, sampler, steps, w))
     judge = load_judge(a.classifier, a.data_dir)
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     batch_size=a.batch_size,
                     progress=False,
                     guidance_interval=a.guidance_interval,
+                    spacing=a.spacing,
                 )
             )
             times.append((time.perf_counter() - t0) * 100 / len(yb))
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": steps,
             "guidance": w,
             "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
+            "spacing": a.spacing if steps < T else "all",
             "eta": a.eta if sampler == "ddim" else None,
             "n": n,
             "seconds_per_100": sorted(times)[len(times) // 2],
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goal": f"<= 20 steps, accuracy >= {GOAL_ACCURACY:.0%}, MNIST-FD <= {GOAL_FD_RATIO}x floor",
         "goal_met_by": goal_met,
         "sampling": {
-            "method": f"{best_setting['sampler'].upper()} {best_setting['steps']} steps, guidance w = "
+            "method": f"{best_setting['sampler'].upper()} {best_setting['steps']} steps "
+            f"({best_setting['spacing']}), guidance w = "
             f"{best_setting['guidance']:g}",
             "steps": best_setting["steps"],
             "seconds_per_100": best_setting["seconds_per_100"],

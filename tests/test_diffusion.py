@@ -195,6 +195,26 @@ def test_timesteps(diff):
         diff.timesteps(T + 1)
 
 
+def test_timesteps_karras(diff):
+    for steps in (2, 10, 20, 50, 333, T - 1, T):
+        ts = diff.timesteps(steps, "karras")
+        assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0
+        assert bool((ts[1:] < ts[:-1]).all())
+    # Between the ends, each visited sigma_t is the first at or above Karras's sigma_i (eq. 5).
+    steps, rho = 10, 7.0
+    ts = diff.timesteps(steps, "karras", rho=rho, sigma_max=80.0)
+    sigma = diff.sqrt_recipm1_alpha_bar
+    i = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    target = (80.0 ** (1 / rho) + i * (sigma[0] ** (1 / rho) - 80.0 ** (1 / rho))) ** rho
+    for k in range(1, steps - 1):
+        assert sigma[ts[k]] >= target[k] > sigma[ts[k] - 1]
+    # Against even spacing: shorter first and last steps, a longer one in the middle.
+    gaps, uniform_gaps = ts[:-1] - ts[1:], (lambda u: u[:-1] - u[1:])(diff.timesteps(steps))
+    assert gaps[0] < uniform_gaps[0] and gaps[-1] < uniform_gaps[-1] and gaps.max() > uniform_gaps.max()
+    with pytest.raises(ValueError):
+        diff.timesteps(10, "log")
+
+
 # ------------------------------------------------------------------------------- samplers
 def test_sample_ddpm_is_the_p_step_loop(diff):
     shape = (3, 1, 2, 2)

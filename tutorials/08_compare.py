@@ -150,8 +150,8 @@ points = [(n, "decoder", m[n]["sampling"]["seconds_per_100"], m[n]["samples"]) f
 points += [("ddpm", s["name"], s["seconds_per_100"], s["metrics"]) for s in m["ddpm"]["settings"]]
 curves: dict[str, list[tuple[float, float, dict]]] = {}  # DDPM: one curve per sampler, along w
 for s in m["ddpm"]["settings"]:
-    sampler = f"{s['sampler'].upper()} {s['steps']}"
-    curves.setdefault(sampler, []).append((s["guidance"], s["seconds_per_100"], s["metrics"]))
+    point = (s["guidance"], s["seconds_per_100"], s["metrics"])
+    curves.setdefault(compare.sampler_label(s), []).append(point)
 
 
 def plot_models(ax, x_of, y_of) -> None:
