@@ -122,6 +122,28 @@ def test_ddpm_metrics_json(runs):
     assert (runs / "ddpm" / "frontier.png").is_file() and (runs / "ddpm" / "samples.npz").is_file()
 
 
+def test_every_metrics_key_is_in_the_readme(runs):
+    """Each key the evaluate commands write (any depth, but not per-setting values) is named in
+    the README as `key`."""
+
+    def keys(obj, found):
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                found.add(key)
+                keys(value, found)
+        elif isinstance(obj, list):
+            for value in obj:
+                keys(value, found)
+        return found
+
+    found = set()
+    for name in ("vae", "cvae", "ddpm"):
+        keys(read(runs / name), found)
+    readme = (REPO / "README.md").read_text()
+    missing = sorted(k for k in found if f"`{k}`" not in readme)
+    assert not missing, f"metrics.json keys not documented in README.md: {missing}"
+
+
 def test_compare_writes_report_and_figures(runs, data_dir, judge_dir, tmp_path):
     out = tmp_path / "compare"
     compare.main([str(runs / r) for r in ("vae", "cvae", "ddpm")]
