@@ -126,7 +126,8 @@ def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str =
 def plot_vs_steps(runs: list[dict[str, Any]], path: str | Path) -> None:
     """Two panels against sampling steps (log): MNIST-FD / floor and conditional accuracy.
 
-    Diffusion runs: one line per guidance w over the DDIM step counts, the full-length DDPM
+    Diffusion runs: one colour per guidance w, one line per sampler over its step counts
+    (circles DDIM, squares DPM-Solver++(2M), dashed for Karras spacing), the ancestral DDPM
     sampler as crosses; one-pass models (the VAEs) as stars at 1 step.
     """
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
@@ -143,30 +144,29 @@ def plot_vs_steps(runs: list[dict[str, Any]], path: str | Path) -> None:
                             color=color, label=label)  # fmt: skip
             continue
         for w in sorted({s["guidance"] for s in settings}):
-            ddim = sorted(
-                (s for s in settings if s["guidance"] == w and s["sampler"] == "ddim"),
-                key=lambda s: s["steps"],
-            )
-            ddpm = [s for s in settings if s["guidance"] == w and s["sampler"] == "ddpm"]
             color = next(colors)
-            for ax, key, scale in ((ax_fd, "fd_ratio", 1), (ax_acc, "accuracy", 100)):
-                if ddim:
-                    (line,) = ax.plot(
-                        [s["steps"] for s in ddim],
-                        [scale * s["metrics"][key] for s in ddim],
-                        marker="o",
+            families: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (sampler, spacing) -> settings
+            for s in settings:
+                if s["guidance"] == w:
+                    families.setdefault((s["sampler"], s.get("spacing") or "uniform"), []).append(s)
+            for (sampler, spacing), group in families.items():
+                group = sorted(group, key=lambda s: s["steps"])
+                name = f"{label} {sampler.upper()}{' karras' if spacing == 'karras' else ''} w={w:g}"
+                style = (
+                    {"marker": "x", "ms": 9, "ls": ""}  # the ancestral sampler: one step count
+                    if sampler == "ddpm"
+                    else {
+                        "marker": "o" if sampler == "ddim" else "s",
+                        "ls": "--" if spacing == "karras" else "-",
+                    }
+                )
+                for ax, key, scale in ((ax_fd, "fd_ratio", 1), (ax_acc, "accuracy", 100)):
+                    ax.plot(
+                        [s["steps"] for s in group],
+                        [scale * s["metrics"][key] for s in group],
                         color=color,
-                        label=f"{label} DDIM w={w:g}",
-                    )
-                if ddpm:
-                    (pt,) = ax.plot(
-                        [s["steps"] for s in ddpm],
-                        [scale * s["metrics"][key] for s in ddpm],
-                        marker="x",
-                        ms=9,
-                        ls="",
-                        color=color,
-                        label=f"{label} DDPM w={w:g}",
+                        label=name,
+                        **style,
                     )
     ax_fd.axhline(1.0, color="grey", ls=":", lw=1)
     ax_fd.set_yscale("log")

@@ -267,10 +267,10 @@ class GaussianDiffusion:
         steps = self.T if steps is None else int(steps)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in 1..{self.T}, got {steps}")
+        if spacing not in ("uniform", "karras"):
+            raise ValueError(f"unknown spacing {spacing!r} (use 'uniform' or 'karras')")
         if spacing == "uniform" or steps in (1, self.T):
             return torch.floor(torch.linspace(self.T - 1, 0, steps, dtype=torch.float64) + 0.5).long()
-        if spacing != "karras":
-            raise ValueError(f"unknown spacing {spacing!r} (use 'uniform' or 'karras')")
         sigma = self.sqrt_recipm1_alpha_bar  # increasing in t
         lo, hi = sigma[0].item() ** (1 / rho), min(sigma_max, sigma[-1].item()) ** (1 / rho)
         sigma_i = torch.linspace(hi, lo, steps, dtype=torch.float64) ** rho
