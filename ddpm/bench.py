@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.cli import ArgumentParser, positive_int, user_errors
 from common.runtime import count_params, pick_device
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.sample import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from ddpm.sample import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from ddpm.schedule import cosine_betas
 from ddpm.unet import UNet, UNetConfig
 
@@ -86,7 +86,13 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         step_ms = (time.perf_counter() - start) / 5 * 1000
         start = time.perf_counter()
         diffusion.sample(
-            model, yb, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, progress=False
+            model,
+            yb,
+            sampler=DEFAULT_SAMPLER,
+            steps=DEFAULT_STEPS,
+            guidance=DEFAULT_GUIDANCE,
+            spacing=DEFAULT_SPACING,
+            progress=False,
         )
         sync(device)
         sample_100_s = time.perf_counter() - start
@@ -100,7 +106,8 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         "train_img_per_s": round(train_img_per_s, 1),
         "sample_ms_per_step": round(step_ms, 1),
         "sample_100_digits_s": round(sample_100_s, 2),
-        "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}",
+        "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} {DEFAULT_SPACING} steps, "
+        f"guidance {DEFAULT_GUIDANCE}",
     }
 
 
