@@ -20,7 +20,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.cli import ArgumentParser, positive_int, user_errors
 from common.runtime import count_params, pick_device
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.sample import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+from ddpm.sample import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+)
 from ddpm.schedule import cosine_betas
 from ddpm.unet import UNet, UNetConfig
 
@@ -91,6 +97,7 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
             sampler=DEFAULT_SAMPLER,
             steps=DEFAULT_STEPS,
             guidance=DEFAULT_GUIDANCE,
+            guidance_interval=DEFAULT_GUIDANCE_INTERVAL,
             spacing=DEFAULT_SPACING,
             progress=False,
         )
@@ -107,7 +114,7 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         "sample_ms_per_step": round(step_ms, 1),
         "sample_100_digits_s": round(sample_100_s, 2),
         "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} {DEFAULT_SPACING} steps, "
-        f"guidance {DEFAULT_GUIDANCE}",
+        f"guidance {DEFAULT_GUIDANCE} in sigma interval {DEFAULT_GUIDANCE_INTERVAL}",
     }
 
 

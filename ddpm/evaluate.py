@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
     p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise (0: deterministic)")
-    add_sampler_flags(p, spacing="uniform")  # the sweep compares; --spacing karras for the other
+    add_sampler_flags(p, interval=None, spacing="uniform")  # plain settings unless asked
     p.add_argument(
         "--batch-size",
         type=positive_int,

@@ -304,7 +304,8 @@ tut.save(fig, "guidance.png")
 # same ODE to second order by extrapolating from the previous step's x0 guess, and at 20 steps
 # scores what DDIM scores at 50 (README, Results). It also picks which 10 of the 1000 noise
 # levels to visit as Karras et al. (2022) do (`spacing="karras"`): more of them at the highest
-# and the lowest noise, which at 10 steps beat evenly spaced ones (README, "Choosing the steps").
+# and the lowest noise, which at 10 steps beat evenly spaced ones (README, "Choosing the steps"),
+# and guides only the 3 of them whose noise level lies in (0.28, 5.42] (README, Results).
 #
 # The 1000-step DDPM of step 2 starts from the same x_T but adds fresh noise at every step, so
 # it ends at a different sample of the same class, for 1000 network calls per digit. Its
