@@ -1,5 +1,6 @@
 """Behaviour of `ddpm.train` and `ddpm.sample` on a tiny synthetic MNIST."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,9 +14,12 @@ import torch
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import write_fake_mnist
+from common.runtime import count_params
+from ddpm import bench as ddpm_bench
 from ddpm import sample as ddpm_sample
 from ddpm import train as ddpm_train
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -213,3 +217,14 @@ def test_sample_bad_runs(tmp_path, run, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert existing.read_bytes() == b"precious"
+
+
+def test_bench_prints_one_json_line_for_the_default_unet(capsys):
+    ddpm_bench.main(["--steps", "1", "--batch", "8"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["params"] == count_params(UNet(UNetConfig())) and r["batch"] == 8
+    assert 0.05 < r["gflop_per_image"] < 1.0  # the default UNet costs 0.17 GFLOP per image
+    assert r["train_img_per_s"] > 0 and r["sample_ms_per_step"] > 0 and r["sample_100_digits_s"] > 0
+    assert ddpm_sample.DEFAULT_SPACING in r["sample_setting"]
