@@ -79,9 +79,14 @@ def settings_of(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def sampler_family(s: dict[str, Any]) -> str:
+    """'DPM2M' for a sweep setting of ddpm.evaluate, 'DPM2M karras' with Karras step spacing."""
+    return s["sampler"].upper() + (" karras" if s.get("spacing") == "karras" else "")
+
+
 def sampler_label(s: dict[str, Any]) -> str:
-    """'DPM2M 10' for a sweep setting of ddpm.evaluate, 'DPM2M 10 karras' with Karras step spacing."""
-    return f"{s['sampler'].upper()} {s['steps']}" + (" karras" if s.get("spacing") == "karras" else "")
+    """The family and the step count: 'DPM2M karras 10'."""
+    return f"{sampler_family(s)} {s['steps']}"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -145,27 +150,24 @@ def plot_vs_steps(runs: list[dict[str, Any]], path: str | Path) -> None:
             continue
         for w in sorted({s["guidance"] for s in settings}):
             color = next(colors)
-            families: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (sampler, spacing) -> settings
+            families: dict[str, list[dict[str, Any]]] = {}
             for s in settings:
                 if s["guidance"] == w:
-                    families.setdefault((s["sampler"], s.get("spacing") or "uniform"), []).append(s)
-            for (sampler, spacing), group in families.items():
+                    families.setdefault(sampler_family(s), []).append(s)
+            for family, group in families.items():
                 group = sorted(group, key=lambda s: s["steps"])
-                name = f"{label} {sampler.upper()}{' karras' if spacing == 'karras' else ''} w={w:g}"
+                sampler, karras = group[0]["sampler"], family.endswith("karras")
                 style = (
                     {"marker": "x", "ms": 9, "ls": ""}  # the ancestral sampler: one step count
                     if sampler == "ddpm"
-                    else {
-                        "marker": "o" if sampler == "ddim" else "s",
-                        "ls": "--" if spacing == "karras" else "-",
-                    }
+                    else {"marker": "o" if sampler == "ddim" else "s", "ls": "--" if karras else "-"}
                 )
                 for ax, key, scale in ((ax_fd, "fd_ratio", 1), (ax_acc, "accuracy", 100)):
                     ax.plot(
                         [s["steps"] for s in group],
                         [scale * s["metrics"][key] for s in group],
                         color=color,
-                        label=name,
+                        label=f"{label} {family} w={w:g}",
                         **style,
                     )
     ax_fd.axhline(1.0, color="grey", ls=":", lw=1)

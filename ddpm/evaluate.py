@@ -194,10 +194,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = T if steps is None else steps
         if steps > T:
             raise UserError(f"--samplers {sampler}{steps}: more steps than the model's T = {T}")
+        spacing = a.spacing if steps < T else "all"  # all T steps: nothing to space
         for w in a.guidance:
-            name = f"{sampler}{steps}_w{w:g}" + ("_karras" if a.spacing == "karras" and steps < T else "")
+            name = f"{sampler}{steps}_w{w:g}" + ("_karras" if spacing == "karras" else "")
             if name not in {g[0] for g in grid}:
-                grid.append((name, sampler, steps, w))
+                grid.append((name, sampler, steps, w, spacing))
     judge = load_judge(a.classifier, a.data_dir)
     started = time.perf_counter()
 
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings: list[dict[str, Any]] = []
     images_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     (run / "sweep").mkdir(exist_ok=True)
-    for i, (name, sampler, steps, w) in enumerate(grid):
+    for i, (name, sampler, steps, w, spacing) in enumerate(grid):
         n = a.n_ddpm if sampler == "ddpm" and steps == T else a.n
         y = requested_labels(n, None, None)
         batches, times = [], []
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": steps,
             "guidance": w,
             "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
-            "spacing": a.spacing if steps < T else "all",
+            "spacing": spacing,
             "eta": a.eta if sampler == "ddim" else None,
             "n": n,
             "seconds_per_100": sorted(times)[len(times) // 2],
