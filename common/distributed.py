@@ -67,13 +67,21 @@ def mean_across(d: Dist, value: torch.Tensor) -> torch.Tensor:
     return value / d.world_size
 
 
+def max_across(d: Dist, values: list[float]) -> list[float]:
+    """The elementwise maximum of a few floats over all ranks (the values when not distributed).
+
+    One collective for several decisions: rank 0 sends the clock, every rank its stop flag.
+    """
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_across(d: Dist, flag: bool) -> bool:
     """True on every rank if it is True on any rank: stop decisions are taken together."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return max_across(d, [1.0 if flag else 0.0])[0] > 0
 
 
 def barrier(d: Dist) -> None:

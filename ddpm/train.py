@@ -5,8 +5,11 @@ regress eps_model(x_t, t, y) onto eps (Ho et al. 2020, Algorithm 1), with the la
 by the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1); each t's squared
 error is weighted by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023; --snr-gamma 0 gives
 the unweighted L_simple of Ho et al. eq. 14). Weights are
-averaged (EMA) for sampling. Checkpoints are written at each epoch end, when a --minutes
-budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues exactly.
+averaged (EMA) for sampling. The learning rate warms up, then decays on a cosine to 0 by
+whichever runs out first: the --epochs or the --minutes budget (30 by default), so a slow
+machine ends on time with a fully annealed model. Checkpoints are written at each epoch end,
+when the budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues (exactly,
+when the budget does not bind, e.g. with --minutes 0).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from ddpm.unet import UNet, UNetConfig
 class TrainConfig:
     out: str = "results/ddpm"
     epochs: int = 3
-    minutes: float | None = None
+    minutes: float = 30.0  # wall-clock budget; 0 = none
     max_steps: int | None = None
     batch_size: int = 64
     lr: float = 4e-3
@@ -89,7 +92,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--epochs", type=positive_int, default=d.epochs, help="passes over the 60k training images"
     )
-    p.add_argument("--minutes", type=positive_float, default=None, help="stop after this wall-clock budget")
+    p.add_argument(
+        "--minutes",
+        type=nonneg_float,
+        default=d.minutes,
+        help="wall-clock budget: the LR anneals by epochs or by time, whichever runs out first (0: none)",
+    )
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak AdamW learning rate")
@@ -97,7 +105,7 @@ def build_parser() -> ArgumentParser:
         "--warmup-steps",
         type=nonneg_int,
         default=d.warmup_steps,
-        help="linear warm-up, then cosine decay to 0 over --epochs",
+        help="linear warm-up, then cosine decay to 0 over --epochs (or --minutes, if shorter)",
     )
     p.add_argument("--grad-clip", type=nonneg_float, default=d.grad_clip, help="max grad norm (0 = off)")
     p.add_argument("--ema-decay", type=unit_float, default=d.ema_decay)
@@ -152,11 +160,16 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: getattr(a, k) for k in keys}, unet=unet)
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at `total` steps."""
+def lr_factor(step: int, warmup: int, total: int, time_frac: float = 0.0) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay 0.5 (1 + cos(pi p)) to 0.
+
+    p is the larger of the share of the post-warm-up steps done (of `total`) and `time_frac`,
+    the share of a wall-clock budget used: the decay follows whichever limit is nearer, so a
+    run cut by its budget still ends at lr 0 instead of being stopped at a high rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -287,11 +300,17 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
     loss_name = f"eps MSE, Min-SNR {cfg.snr_gamma:g} weighted" if cfg.snr_gamma else "eps MSE"
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     budget = cfg.minutes * 60 if cfg.minutes else math.inf
+    time_frac = seconds / budget  # share of the budget used; rank 0's clock, agreed every step
+    if time_frac >= 1 and step < stop_at:
+        raise UserError(
+            f"{out} already used its {cfg.minutes:g}-minute budget ({seconds / 60:.1f} min); "
+            "pass a larger --minutes (or 0) to train on"
+        )
     if log:
         print(
             f"UNet {count_params(model) / 1e6:.2f}M params on {device} x {d.world_size}; global batch "
             f"{global_batch}, {steps_per_epoch} steps/epoch, training to step {stop_at} of {total_steps}"
-            + (f" or {cfg.minutes} min" if cfg.minutes else "")
+            + (f" or {cfg.minutes:g} min, whichever comes first" if cfg.minutes else "")
         )
 
     reason = None  # why training stopped early, if it did
@@ -322,7 +341,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps)
+                lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, time_frac)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 opt.step()
@@ -344,19 +363,28 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
                     window_loss, window_n, window_t = 0.0, 0, now
                 if cfg.sample_every and step % cfg.sample_every == 0 and log:
                     sample_grid(diffusion, ema.module, out / "samples" / f"step_{step:06d}.png", device)
-                # Rank 0 owns the clock; any rank may have been signalled. All stop together.
-                over_budget = log and seconds - started_seconds >= budget
-                if distributed.any_across(d, bool(stop.received) or over_budget):
-                    reason = f"stopped by {stop.received}" if stop.received else "--minutes budget reached"
+                # Rank 0 owns the clock (every rank must use the same lr); any rank may have been
+                # signalled. All stop together.
+                signalled, time_frac = distributed.max_across(
+                    d, [float(bool(stop.received)), seconds / budget if log else 0.0]
+                )
+                if signalled:
+                    reason = f"stopped by {stop.received or 'a signal to another rank'}"
+                elif time_frac >= 1:
+                    reason = f"--minutes {cfg.minutes:g} budget reached"
                 elif step >= stop_at < total_steps:
                     reason = f"--max-steps {cfg.max_steps} reached"
                 if reason or step >= stop_at:
                     break
             bar.close()
             checkpoint()
-            if step % steps_per_epoch == 0 and log:
-                path = out / "samples" / f"epoch_{step // steps_per_epoch:03d}.png"
-                sample_grid(diffusion, ema.module, path, device)
+            if log and (step % steps_per_epoch == 0 or time_frac >= 1):  # the final model's grid too
+                name = (
+                    f"epoch_{step // steps_per_epoch:03d}"
+                    if step % steps_per_epoch == 0
+                    else f"step_{step:06d}"
+                )
+                sample_grid(diffusion, ema.module, out / "samples" / f"{name}.png", device)
             if log:
                 print(
                     f"epoch {epoch + 1}: step {step}, {seconds / 60:.1f} min, "

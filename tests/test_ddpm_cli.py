@@ -1,5 +1,6 @@
 """Behaviour of `ddpm.train` and `ddpm.sample` on a tiny synthetic MNIST."""
 
+import itertools
 import json
 import os
 import signal
@@ -74,10 +75,11 @@ def test_train_writes_every_file(run):
 
 def test_resume_gives_identical_weights(tmp_path, data_dir):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(straight, data_dir, "--epochs", "2")
-    train(split, data_dir, "--epochs", "2", "--max-steps", "8")
+    no_budget = ("--minutes", "0")  # a clock in the lr schedule would make the runs differ
+    train(straight, data_dir, "--epochs", "2", *no_budget)
+    train(split, data_dir, "--epochs", "2", "--max-steps", "8", *no_budget)
     assert load_checkpoint(split, "ddpm")["step"] == 8
-    train(split, data_dir, "--epochs", "2", "--resume")
+    train(split, data_dir, "--epochs", "2", "--resume", *no_budget)
     a, b = load_checkpoint(straight, "ddpm"), load_checkpoint(split, "ddpm")
     assert a["step"] == b["step"] == 16
     for key in ("model", "ema"):
@@ -85,6 +87,41 @@ def test_resume_gives_identical_weights(tmp_path, data_dir):
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     steps = [int(line.split(",")[0]) for line in (split / "loss.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps))  # resuming does not duplicate rows
+
+
+def test_lr_anneals_by_steps_or_by_time_whichever_is_nearer():
+    f = ddpm_train.lr_factor
+    assert f(0, 10, 110) == pytest.approx(0.1) and f(9, 10, 110) == pytest.approx(1.0)
+    assert f(10, 10, 110) == pytest.approx(1.0)  # no time used: the step schedule
+    assert f(60, 10, 110) == pytest.approx(0.5)  # half the post-warm-up steps
+    assert f(60, 10, 110, time_frac=0.25) == pytest.approx(0.5)  # steps are nearer their end
+    assert f(10, 10, 110, time_frac=0.5) == pytest.approx(0.5)  # time is nearer its end
+    assert f(10, 10, 110, time_frac=1.0) == pytest.approx(0.0, abs=1e-12)
+    assert f(5, 10, 110, time_frac=0.9) == pytest.approx(0.6)  # warm-up is by steps only
+
+
+def test_minutes_budget_anneals_the_lr_and_ends_on_a_checkpoint(tmp_path, data_dir, capsys):
+    out = tmp_path / "budget"
+    # 12 s: several epochs, each ending in a sample grid that takes a second or two
+    train(out, data_dir, "--epochs", "1000", "--minutes", "0.2", "--log-every", "1")
+    printed = capsys.readouterr().out
+    assert "--minutes 0.2 budget reached" in printed
+    ckpt = load_checkpoint(out, "ddpm")
+    assert 0 < ckpt["step"] < 8000 and ckpt["seconds"] >= 12.0
+    assert (out / "samples" / f"step_{ckpt['step']:06d}.png").is_file()  # the final model's grid
+    lrs = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    peak = ddpm_train.TrainConfig.lr
+    # By steps alone the lr would still be ~peak (a few dozen of 8000 steps); by time it decays.
+    assert lrs[-1] < 0.5 * peak
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))  # after warm-up it only falls
+    # The budget is the run's, not the session's: resuming a spent run asks for more minutes.
+    with pytest.raises(SystemExit) as e:
+        train(out, data_dir, "--epochs", "1000", "--minutes", "0.2", "--resume")
+    assert e.value.code == 2 and "budget" in capsys.readouterr().err
+    train(
+        out, data_dir, "--epochs", "1000", "--minutes", "0", "--resume", "--max-steps", str(ckpt["step"] + 2)
+    )
+    assert load_checkpoint(out, "ddpm")["step"] == ckpt["step"] + 2
 
 
 def test_non_empty_out_is_refused(run, data_dir, capsys):
