@@ -85,8 +85,7 @@ def load_model(
     """Rebuild the UNet and diffusion of a run from its checkpoint (kind 'ddpm')."""
     ckpt = load_checkpoint(run, "ddpm", map_location=device)
     cfg = ckpt["config"]
-    unet_cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["unet"].items()})
-    model = UNet(unet_cfg).to(device)
+    model = UNet(UNetConfig.from_dict(cfg["unet"])).to(device)
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     model.eval()
     return model, GaussianDiffusion(cosine_betas(cfg["timesteps"])), ckpt

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import nn
 
 from ddpm.embeddings import ConditionEmbedding
@@ -35,25 +35,72 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (2,)  # level indices with self-attention (2 = 7x7)
     num_heads: int = 4
     dropout: float = 0.0  # short CPU runs see each image only a few times: no need to regularise
+    adaptive_norm: bool = True  # AdaGN: the embedding scales and shifts the 2nd norm (else: adds)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """The config saved in a checkpoint (JSON lists back to tuples). Runs from before
+        `adaptive_norm` existed were trained without it."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**{"adaptive_norm": False, **d})
+
     num_classes: int = 10  # the null label is num_classes
 
 
-def norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (Wu & He 2018) with a faster path for CPU inference on channels-last input.
+
+    y = (x - mean_g) / sqrt(var_g + eps) * weight + bias, with mean_g and var_g over the H x W
+    positions and C / G channels of each group. PyTorch's CPU kernel is several times slower on
+    channels-last (NHWC) tensors than on NCHW ones at this UNet's sizes (README, "Speed"), and
+    sampling spends its time without autograd on NHWC tensors. There we instead sum x and x^2
+    over the positions of the [B, H*W, C] view (two strided reductions), pool the sums into each
+    group's mean and variance (var = E[x^2] - mean^2), and apply the normalisation as one
+    per-channel scale and shift. With autograd on (training) the native kernel runs: its
+    backward is faster than autograd through these ops.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.dim() != 4
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return super().forward(x)
+        B, C, H, W = x.shape
+        G, per_group = self.num_groups, C // self.num_groups
+        xv = rearrange(x, "b c h w -> b (h w) c")  # a view: NHWC memory is already this order
+        n = H * W * per_group
+        mean = reduce(xv.sum(1), "b (g k) -> b g", "sum", g=G) / n  # [B, G]
+        var = reduce((xv * xv).sum(1), "b (g k) -> b g", "sum", g=G) / n - mean * mean
+        rstd = torch.rsqrt(var.clamp(min=0.0) + self.eps)
+        scale = repeat(rstd, "b g -> b (g k)", k=per_group) * self.weight  # [B, C]
+        shift = self.bias - repeat(mean, "b g -> b (g k)", k=per_group) * scale
+        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])  # stays NHWC
+
+
+def norm(channels: int) -> GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels (groups must divide channels)."""
-    return nn.GroupNorm(math.gcd(channels, min(32, channels // 4)), channels)
+    return GroupNorm(math.gcd(channels, min(32, channels // 4)), channels)
 
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, add the projected (t, y) embedding, then again with dropout.
 
+    With `adaptive` the embedding instead scales and shifts the second normalised activation,
+    AdaGN(h, emb) = (1 + s) GroupNorm(h) + b with [s, b] = Linear(emb) (Dhariwal & Nichol 2021,
+    section 3), so the label and t can switch channels off as well as bias them.
+
     x [B, C_in, H, W], emb [B, E] -> [B, C_out, H, W] (a 1x1 conv matches channels on the skip).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, adaptive: bool = False):
         super().__init__()
+        self.adaptive = adaptive
         self.norm1 = norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.emb = nn.Linear(emb_dim, 2 * c_out if adaptive else c_out)
         self.norm2 = norm(c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
@@ -63,8 +110,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb(emb)[:, :, None, None]  # [B, C_out (x2 if adaptive), 1, 1]
+        if self.adaptive:
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -95,9 +147,10 @@ class Attention(nn.Module):
 class Level(nn.Module):
     """The blocks of one resolution: residual blocks, each optionally followed by attention."""
 
-    def __init__(self, c_ins: list[int], c_out: int, emb_dim: int, dropout: float, attn: bool, heads: int):
+    def __init__(self, c_ins: list[int], c_out: int, cfg: UNetConfig, attn: bool):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(c, c_out, emb_dim, dropout) for c in c_ins)
+        emb_dim, heads = 4 * cfg.base_channels, cfg.num_heads
+        self.res = nn.ModuleList(ResBlock(c, c_out, emb_dim, cfg.dropout, cfg.adaptive_norm) for c in c_ins)
         self.attn = nn.ModuleList(Attention(c_out, heads) if attn else nn.Identity() for _ in c_ins)
 
 
@@ -121,7 +174,7 @@ class UNet(nn.Module):
         for i, (c_out, n) in enumerate(zip(chans, cfg.blocks_per_level, strict=True)):
             attn = i in cfg.attention_levels
             c_ins = [c] + [c_out] * (n - 1) if n else []
-            self.down.append(Level(c_ins, c_out, emb_dim, cfg.dropout, attn, cfg.num_heads))
+            self.down.append(Level(c_ins, c_out, cfg, attn))
             skips += [c_out] * n
             c = c_out if n else c
             if i < len(chans) - 1:
@@ -129,7 +182,7 @@ class UNet(nn.Module):
                 skips.append(c)
 
         attn_mid = len(chans) - 1 in cfg.attention_levels
-        self.mid = Level([c] * cfg.mid_blocks, c, emb_dim, cfg.dropout, attn_mid, cfg.num_heads)
+        self.mid = Level([c] * cfg.mid_blocks, c, cfg, attn_mid)
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -140,7 +193,7 @@ class UNet(nn.Module):
             for _ in range(n):
                 c_ins.append(c + skips.pop())
                 c = chans[i]
-            self.up.append(Level(c_ins, chans[i], emb_dim, cfg.dropout, attn, cfg.num_heads))
+            self.up.append(Level(c_ins, chans[i], cfg, attn))
             if i > 0:  # a 2x2 transposed conv doubles the side and moves to the next level's width
                 self.upsample.append(nn.ConvTranspose2d(c, chans[i - 1], 2, stride=2))
                 c = chans[i - 1]

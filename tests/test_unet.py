@@ -1,10 +1,14 @@
 """The UNet as an eps_model: shapes, conditioning, and that it can learn."""
 
+import dataclasses
+
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ddpm.embeddings import ConditionEmbedding, timestep_embedding
-from ddpm.unet import UNet, UNetConfig
+from ddpm.unet import GroupNorm, ResBlock, UNet, UNetConfig
 
 TINY = UNetConfig(
     base_channels=8,
@@ -39,9 +43,10 @@ def test_timestep_embedding_differs_between_steps():
     assert distances.min() > 1e-3  # every pair of timesteps is told apart
 
 
-def test_label_changes_output_and_null_label_works():
+@pytest.mark.parametrize("adaptive_norm", [False, True])
+def test_label_changes_output_and_null_label_works(adaptive_norm):
     torch.manual_seed(0)
-    model = UNet(TINY).eval()
+    model = UNet(dataclasses.replace(TINY, adaptive_norm=adaptive_norm)).eval()
     randomize_zero_inits(model)
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([300, 300])
     out_a = model(x, t, torch.tensor([3, 3]))
@@ -71,3 +76,41 @@ def test_tiny_unet_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+def test_adaptive_norm_scales_and_shifts_the_second_norm():
+    torch.manual_seed(0)
+    block = ResBlock(4, 8, emb_dim=6, dropout=0.0, adaptive=True)
+    randomize_zero_inits(block)
+    nn.init.zeros_(block.emb.weight)  # the embedding's projection is then its bias: [s, b]
+    block.emb.bias.data = torch.cat([torch.full((8,), 0.5), torch.full((8,), -0.2)])
+    x, emb = torch.randn(2, 4, 7, 7), torch.randn(2, 6)
+    h = block.conv1(F.silu(block.norm1(x)))
+    expected = block.skip(x) + block.conv2(F.silu(1.5 * block.norm2(h) - 0.2))  # (1 + s) GN(h) + b
+    assert torch.allclose(block(x, emb), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, groups", [((3, 16, 28, 28), 4), ((2, 48, 14, 14), 12), ((5, 96, 7, 7), 24)])
+def test_group_norm_inference_path_matches_the_native_kernel(shape, groups):
+    torch.manual_seed(0)
+    gn = GroupNorm(groups, shape[1])
+    gn.weight.data, gn.bias.data = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    # Channel offsets several times the spread, as after a conv: E[x^2] - mean^2 must hold up.
+    x = torch.randn(shape) * 2 + torch.randn(1, shape[1], 1, 1) * 5
+    x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.group_norm(x.contiguous(), groups, gn.weight, gn.bias, gn.eps)
+    with torch.no_grad():
+        fast = gn(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast, expected, atol=1e-4), (fast - expected).abs().max()
+    assert torch.allclose(gn(x), expected, atol=1e-5)  # with autograd: the native kernel
+
+
+def test_unet_gives_the_same_eps_with_and_without_autograd():
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    randomize_zero_inits(model)
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        fast = model(x, t, y)  # the GroupNorm inference path
+    assert torch.allclose(fast, model(x, t, y), atol=1e-5)
