@@ -142,6 +142,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--mid-blocks", type=nonneg_int, default=u.mid_blocks)
     g.add_argument("--attention-levels", type=int_tuple, default=u.attention_levels, help="e.g. 2")
     g.add_argument("--dropout", type=unit_float, default=u.dropout)
+    g.add_argument(
+        "--adaptive-norm",
+        action=argparse.BooleanOptionalAction,
+        default=u.adaptive_norm,
+        help="AdaGN: (t, y) scale and shift each block's second norm instead of adding to it",
+    )
     return p
 
 
@@ -153,6 +159,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         mid_blocks=a.mid_blocks,
         attention_levels=a.attention_levels,
         dropout=a.dropout,
+        adaptive_norm=a.adaptive_norm,
     )
     if len(unet.channel_mult) != len(unet.blocks_per_level):
         raise UserError("--channel-mult and --blocks-per-level need one value per level")
@@ -163,13 +170,17 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 def lr_factor(step: int, warmup: int, total: int, time_frac: float = 0.0) -> float:
     """Linear warm-up to 1 over `warmup` steps, then cosine decay 0.5 (1 + cos(pi p)) to 0.
 
-    p is the larger of the share of the post-warm-up steps done (of `total`) and `time_frac`,
-    the share of a wall-clock budget used: the decay follows whichever limit is nearer, so a
-    run cut by its budget still ends at lr 0 instead of being stopped at a high rate.
+    p = (step - warmup) / (n - warmup), where n, the schedule's length, is the smaller of
+    `total` and the steps a wall-clock budget will allow at the pace so far (step / time_frac,
+    time_frac being the share of the budget used). A run that fits its budget follows the plain
+    step schedule exactly; a run cut by its budget decays as if it had been planned that long,
+    and ends at lr 0 instead of being stopped at a high rate.
     """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
+    if time_frac > 0:
+        total = min(total, step / time_frac)
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -247,6 +258,11 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
     step, seconds = 0, 0.0
     if resume:
         ckpt = load_checkpoint(out, "ddpm", map_location=device)
+        if UNetConfig.from_dict(ckpt["config"]["unet"]) != cfg.unet:
+            raise UserError(
+                f"{out} was trained with another UNet ({ckpt['config']['unet']}); "
+                "give --resume the same UNet flags"
+            )
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step so far (sets the warm-up decay)
