@@ -85,8 +85,11 @@ def sampler_family(s: dict[str, Any]) -> str:
 
 
 def sampler_label(s: dict[str, Any]) -> str:
-    """The family and the step count: 'DPM2M karras 10'."""
-    return f"{sampler_family(s)} {s['steps']}"
+    """The family and the step count, 'DPM2M karras 10', and the guidance interval if one was
+    used: 'DPM2M karras 10 guided in sigma (0.28, 5.42]'."""
+    interval = s.get("guidance_interval")
+    where = f" guided in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
+    return f"{sampler_family(s)} {s['steps']}{where}"
 
 
 # ----------------------------------------------------------------------------- figures

@@ -198,3 +198,11 @@ def test_common_never_imports_a_model_package():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.split(".")[0] in ("vaegen", "ddpm") for n in names), path
+
+
+def test_sampler_labels_tell_spacing_and_guidance_interval_apart():
+    plain = {"sampler": "dpm2m", "steps": 10, "spacing": "uniform", "guidance_interval": None}
+    karras = {**plain, "spacing": "karras"}
+    interval = {**karras, "guidance_interval": [0.28, 5.42]}
+    labels = [compare.sampler_label(s) for s in (plain, karras, interval)]
+    assert labels == ["DPM2M 10", "DPM2M karras 10", "DPM2M karras 10 guided in sigma (0.28, 5.42]"]
