@@ -127,6 +127,17 @@ def test_minutes_budget_anneals_the_lr_and_ends_on_a_checkpoint(tmp_path, data_d
     assert load_checkpoint(out, "ddpm")["step"] == ckpt["step"] + 2
 
 
+def test_resume_with_another_unet_is_refused(tmp_path, data_dir, capsys):
+    out = tmp_path / "other"
+    train(out, data_dir, "--epochs", "2", "--max-steps", "2")
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train(out, data_dir, "--epochs", "2", "--resume", "--no-adaptive-norm")
+    assert e.value.code == 2
+    assert "another UNet" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
 def test_non_empty_out_is_refused(run, data_dir, capsys):
     before = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit) as e:

@@ -1,6 +1,7 @@
 """The UNet as an eps_model: shapes, conditioning, and that it can learn."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -114,3 +115,15 @@ def test_unet_gives_the_same_eps_with_and_without_autograd():
     with torch.no_grad():
         fast = model(x, t, y)  # the GroupNorm inference path
     assert torch.allclose(fast, model(x, t, y), atol=1e-5)
+
+
+def test_config_round_trips_and_old_runs_load_without_adaptive_norm():
+    cfg = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2))
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as in a checkpoint: lists, not tuples
+    assert UNetConfig.from_dict(saved) == cfg
+    del saved["adaptive_norm"]  # a run from before the option: trained with additive conditioning
+    old = UNetConfig.from_dict(saved)
+    assert old.adaptive_norm is False
+    mid_channels = old.base_channels * old.channel_mult[-1]
+    assert UNet(old).mid.res[0].emb.out_features == mid_channels  # adds C, not scale and shift 2C
+    assert UNet(cfg).mid.res[0].emb.out_features == 2 * mid_channels
