@@ -97,8 +97,10 @@ tut.save(fig, "timestep_embedding.png")
 # The label y in 0..9 gets a learned vector E[y]; row 10 is the null label, used when the label
 # is dropped (10% of training steps) and for the unconditional half of guidance. The two
 # signals are simply added, emb(t, y) = MLP(e(t)) + E[y], and every residual block projects the
-# sum to a per-channel shift of its features. Because the sum is additive, the label's
-# contribution, emb(t, y) - emb(t, null), is the same vector at every step.
+# sum to a per-channel scale and shift of its normalised features, (1 + s) GroupNorm(h) + b
+# ("AdaGN", Dhariwal & Nichol 2021), so the label can also turn channels down, not only bias
+# them. Because the sum is additive, the label's contribution, emb(t, y) - emb(t, null), is the
+# same vector at every step.
 
 # %%
 step(2, "the class embedding and how it combines with t")
