@@ -36,6 +36,7 @@ class UNetConfig:
     num_heads: int = 4
     dropout: float = 0.0  # short CPU runs see each image only a few times: no need to regularise
     adaptive_norm: bool = True  # AdaGN: the embedding scales and shifts the 2nd norm (else: adds)
+    num_classes: int = 10  # the null label is num_classes
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -43,8 +44,6 @@ class UNetConfig:
         `adaptive_norm` existed were trained without it."""
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**{"adaptive_norm": False, **d})
-
-    num_classes: int = 10  # the null label is num_classes
 
 
 class GroupNorm(nn.GroupNorm):
