@@ -334,6 +334,9 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
     started_seconds = seconds
     with StopSignal() as stop:
         while step < stop_at and reason is None:
+            # The last epoch's checkpoint and grid took time: read the clock again before the lr.
+            seconds = started_seconds + time.perf_counter() - run_start
+            time_frac = distributed.max_across(d, [seconds / budget if log else 0.0])[0]
             epoch = step // steps_per_epoch
             skip = step - epoch * steps_per_epoch  # resuming mid-epoch: same order, skip what was seen
             batches = list(batch_indices(len(images), global_batch, cfg.seed, epoch))[skip:]

@@ -86,6 +86,16 @@ def test_both_ranks_end_with_identical_weights(two_rank_run):
     assert_ranks_hold_identical_weights(two_rank_run[0], "")
 
 
+def test_a_binding_budget_gives_both_ranks_the_same_lr_and_last_step(tmp_path):
+    """Rank 0's clock decides the lr (and the stop) on both: their weights stay equal."""
+    flags = [*TINY, "--epochs", "1000", "--minutes", "0.1"]  # 6 s: far fewer steps than 1000 epochs
+    root, out, _ = spawn_two_ranks(tmp_path, _rank, flags)
+    assert_ranks_hold_identical_weights(root, "")
+    assert 0 < load_checkpoint(out, "ddpm")["step"] < 1000 * 8
+    lrs = [float(r["lr"]) for r in read_csv(out / "loss.csv")]
+    assert lrs[-1] < 0.5 * ddpm_train.TrainConfig.lr  # annealed by the budget, not by the steps
+
+
 def test_run_dir_is_written_once_by_rank_zero(two_rank_run):
     _, out, _ = two_rank_run
     ckpt = load_checkpoint(out, "ddpm")
