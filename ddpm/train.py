@@ -332,10 +332,15 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
     reason = None  # why training stopped early, if it did
     run_start, window_loss, window_n, window_t = time.perf_counter(), 0.0, 0, time.perf_counter()
     started_seconds = seconds
+
+    def clock() -> float:
+        """Training seconds so far, this run's part included (rank 0's reading is the one used)."""
+        return started_seconds + time.perf_counter() - run_start
+
     with StopSignal() as stop:
         while step < stop_at and reason is None:
             # The last epoch's checkpoint and grid took time: read the clock again before the lr.
-            seconds = started_seconds + time.perf_counter() - run_start
+            seconds = clock()
             time_frac = distributed.max_across(d, [seconds / budget if log else 0.0])[0]
             epoch = step // steps_per_epoch
             skip = step - epoch * steps_per_epoch  # resuming mid-epoch: same order, skip what was seen
@@ -367,7 +372,7 @@ def train(cfg: TrainConfig, d: distributed.Dist, resume: bool = False, overwrite
                 ema.update_parameters(model)
                 step += 1
                 window_loss, window_n = window_loss + loss_all, window_n + 1
-                seconds = started_seconds + time.perf_counter() - run_start
+                seconds = clock()
                 if step % cfg.log_every == 0 and log:
                     now = time.perf_counter()
                     rate = window_n * global_batch / (now - window_t)

@@ -38,6 +38,11 @@ class UNetConfig:
     adaptive_norm: bool = True  # AdaGN: the embedding scales and shifts the 2nd norm (else: adds)
     num_classes: int = 10  # the null label is num_classes
 
+    @property
+    def emb_dim(self) -> int:
+        """Width of the (t, y) embedding every residual block reads."""
+        return 4 * self.base_channels
+
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         """The config saved in a checkpoint (JSON lists back to tuples). Runs from before
@@ -148,9 +153,10 @@ class Level(nn.Module):
 
     def __init__(self, c_ins: list[int], c_out: int, cfg: UNetConfig, attn: bool):
         super().__init__()
-        emb_dim, heads = 4 * cfg.base_channels, cfg.num_heads
-        self.res = nn.ModuleList(ResBlock(c, c_out, emb_dim, cfg.dropout, cfg.adaptive_norm) for c in c_ins)
-        self.attn = nn.ModuleList(Attention(c_out, heads) if attn else nn.Identity() for _ in c_ins)
+        self.res = nn.ModuleList(
+            ResBlock(c, c_out, cfg.emb_dim, cfg.dropout, cfg.adaptive_norm) for c in c_ins
+        )
+        self.attn = nn.ModuleList(Attention(c_out, cfg.num_heads) if attn else nn.Identity() for _ in c_ins)
 
 
 class UNet(nn.Module):
@@ -161,8 +167,7 @@ class UNet(nn.Module):
         cfg = self.config = config or UNetConfig()
         assert len(cfg.channel_mult) == len(cfg.blocks_per_level)
         base = cfg.base_channels
-        emb_dim = 4 * base
-        self.embed = ConditionEmbedding(base, emb_dim, cfg.num_classes)
+        self.embed = ConditionEmbedding(base, cfg.emb_dim, cfg.num_classes)
         self.stem = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
 
         chans = [base * m for m in cfg.channel_mult]
