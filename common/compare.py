@@ -85,11 +85,12 @@ def sampler_family(s: dict[str, Any]) -> str:
 
 
 def sampler_label(s: dict[str, Any]) -> str:
-    """The family and the step count, 'DPM2M karras 10', and the guidance interval if one was
-    used: 'DPM2M karras 10 guided in sigma (0.28, 5.42]'."""
-    interval = s.get("guidance_interval")
+    """The family and the step count, 'DPM2M karras 10', then the last step's noise level and
+    the guidance interval if set: 'DPM2M karras 10 to sigma 0.1 guided in sigma (0.28, 5.42]'."""
+    interval, sigma_min = s.get("guidance_interval"), s.get("sigma_min")
+    end = f" to sigma {sigma_min:g}" if sigma_min else ""
     where = f" guided in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
-    return f"{sampler_family(s)} {s['steps']}{where}"
+    return f"{sampler_family(s)} {s['steps']}{end}{where}"
 
 
 # ----------------------------------------------------------------------------- figures

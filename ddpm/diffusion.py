@@ -251,35 +251,47 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ samplers
     def timesteps(
-        self, steps: int | None = None, spacing: str = "uniform", rho: float = 7.0, sigma_max: float = 80.0
+        self,
+        steps: int | None = None,
+        spacing: str = "uniform",
+        rho: float = 7.0,
+        sigma_max: float = 80.0,
+        sigma_min: float | None = None,
     ) -> torch.Tensor:
-        """The steps a sampler visits, long [steps], from T-1 down to t = 0.
+        """The steps a sampler visits, long [steps], from T-1 down to t_min (0 by default).
 
         steps = None or T gives T-1, T-2, ..., 0; fewer give (steps = 1 gives just T-1):
-          'uniform': a rounded evenly spaced sub-sequence of the indices;
+          'uniform': a rounded evenly spaced sub-sequence of T-1 .. t_min;
           'karras':  evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5), where
                      sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t):
-                       sigma_i = (sigma_max^(1/rho) + i / (S-1) (sigma_0^(1/rho) - sigma_max^(1/rho)))^rho,
+                       sigma_i = (sigma_max^(1/rho) + i / (S-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
                      each mapped to the first t with sigma_t >= sigma_i. The first step is
                      still T-1 (x_T is pure noise); ties, where steps crowd at low noise, are
                      pushed apart so the S steps stay distinct.
+        sigma_min: the noise level of the last step, t_min = the first t with sigma_t >= sigma_min
+        (default sigma_0, i.e. t_min = 0). The samplers return that step's x0 prediction, so a
+        larger sigma_min ends with one denoising jump from there and skips the model's lowest-noise
+        steps (which Min-SNR training weights least; README, "Choosing the steps").
         """
         steps = self.T if steps is None else int(steps)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in 1..{self.T}, got {steps}")
         if spacing not in ("uniform", "karras"):
             raise ValueError(f"unknown spacing {spacing!r} (use 'uniform' or 'karras')")
-        if spacing == "uniform" or steps in (1, self.T):
-            return torch.floor(torch.linspace(self.T - 1, 0, steps, dtype=torch.float64) + 0.5).long()
         sigma = self.sqrt_recipm1_alpha_bar  # increasing in t
-        lo, hi = sigma[0].item() ** (1 / rho), min(sigma_max, sigma[-1].item()) ** (1 / rho)
+        t_min = 0 if sigma_min is None else int(torch.searchsorted(sigma, sigma.new_tensor([sigma_min])))
+        if not 0 <= t_min <= self.T - steps:
+            raise ValueError(f"sigma_min {sigma_min} leaves fewer than {steps} steps to visit")
+        if spacing == "uniform" or steps in (1, self.T):
+            return torch.floor(torch.linspace(self.T - 1, t_min, steps, dtype=torch.float64) + 0.5).long()
+        lo, hi = sigma[t_min].item() ** (1 / rho), min(sigma_max, sigma[-1].item()) ** (1 / rho)
         sigma_i = torch.linspace(hi, lo, steps, dtype=torch.float64) ** rho
         ts = torch.searchsorted(sigma, sigma_i).clamp(max=self.T - 1).tolist()
         ts[0] = self.T - 1
         for i in range(1, steps):  # strictly decreasing from the top ...
             ts[i] = min(ts[i], ts[i - 1] - 1)
-        ts[-1] = 0
-        for i in range(steps - 2, -1, -1):  # ... and ending at t = 0 (stays below T: steps <= T)
+        ts[-1] = t_min
+        for i in range(steps - 2, -1, -1):  # ... and ending at t_min (stays below T: steps <= T - t_min)
             ts[i] = max(ts[i], ts[i + 1] + 1)
         return torch.tensor(ts, dtype=torch.long)
 
@@ -306,7 +318,7 @@ class GaussianDiffusion:
                 h_i = lambda_s - lambda_t and r = h_{i-1} / h_i, D = (1 + 1/(2r)) x0_hat_i -
                 1/(2r) x0_hat_{i-1}, so e = h_i / (2 h_{i-1}). e = 0 (first order) at the
                 first step (no history), at the last (lambda_s = inf; x_s = x0_hat) and at the
-                one into t = 0: lambda jumps there (3.4 over the last of 10 steps against 0.7
+                one into the last (t = 0): lambda jumps there (3.4 over the last of 10 steps against 0.7
                 before), and extrapolating over that jump overshoots (the "lower order final"
                 of Lu et al.). `eta` is ignored.
         """
@@ -355,6 +367,7 @@ class GaussianDiffusion:
         null_label: int = 10,
         guidance_interval: tuple[float, float] | None = None,
         spacing: str = "uniform",
+        sigma_min: float | None = None,
         return_trajectory: bool = False,
         xT: torch.Tensor | None = None,
         device: torch.device | str | None = None,
@@ -365,7 +378,8 @@ class GaussianDiffusion:
         - sampler 'ddpm': ancestral sampling, Ho et al. 2020 Algorithm 2 (variance beta_tilde);
           'ddim': Song et al. 2021 eq. 12 with sigma from eq. 16 (eta = 0: deterministic).
         - steps: None = all T; fewer visit `timesteps(steps, spacing)` ('uniform': evenly
-          spaced indices; 'karras': denser at both ends, Karras et al. 2022), ending at t = 0.
+          spaced indices; 'karras': denser at both ends, Karras et al. 2022), ending at t = 0,
+          or at the noise level sigma_min if given, whose x0 prediction is returned.
         - y: labels long [B], or None for a fully unconditional model call (eps_model(x, t, None)).
         - guidance w > 0: eps~ = (1 + w) eps(x, y) - w eps(x, null_label) (Ho & Salimans 2022,
           eq. 6), both passes in one eps_model call of batch 2B.
@@ -402,7 +416,7 @@ class GaussianDiffusion:
         if y is not None and len(y) != shape[0]:
             raise ValueError(f"sample: {len(y)} labels for a batch of {shape[0]}")
 
-        ts = self.timesteps(steps, spacing)
+        ts = self.timesteps(steps, spacing, sigma_min=sigma_min)
         coefs = self.sampling_coefficients(ts, sampler, eta).tolist()  # python floats: no per-step casts
         if xT is not None:
             x = xT.to(device=device, dtype=dtype)

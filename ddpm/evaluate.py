@@ -43,7 +43,7 @@ from common.data import load_mnist, to_signed
 from common.metrics import judge_summary, load_judge, score
 from common.runtime import count_params, pick_device
 from common.samples import save_samples
-from ddpm.sample import add_sampler_flags, generate, load_model, requested_labels
+from ddpm.sample import add_sampler_flags, check_sigma_min, generate, load_model, requested_labels
 
 GOAL_ACCURACY, GOAL_FD_RATIO = 0.99, 1.5
 BEST_RULE = (
@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
     p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise (0: deterministic)")
-    add_sampler_flags(p, interval=None, spacing="uniform")  # plain settings unless asked
+    add_sampler_flags(p, interval=None, spacing="uniform", sigma_min=None)  # plain settings unless asked
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -194,9 +194,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = T if steps is None else steps
         if steps > T:
             raise UserError(f"--samplers {sampler}{steps}: more steps than the model's T = {T}")
+        if steps < T:
+            check_sigma_min(diffusion, steps, a.spacing, a.sigma_min)
         spacing = a.spacing if steps < T else "all"  # all T steps: nothing to space
         for w in a.guidance:
             name = f"{sampler}{steps}_w{w:g}" + ("_karras" if spacing == "karras" else "")
+            name += f"_smin{a.sigma_min:g}" if a.sigma_min and spacing != "all" else ""
             if name not in {g[0] for g in grid}:
                 grid.append((name, sampler, steps, w, spacing))
     judge = load_judge(a.classifier, a.data_dir)
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     progress=False,
                     guidance_interval=a.guidance_interval,
                     spacing=a.spacing,
+                    sigma_min=a.sigma_min or None,
                 )
             )
             times.append((time.perf_counter() - t0) * 100 / len(yb))
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "guidance": w,
             "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
             "spacing": spacing,
+            "sigma_min": (a.sigma_min or None) if spacing != "all" else None,
             "eta": a.eta if sampler == "ddim" else None,
             "n": n,
             "seconds_per_100": sorted(times)[len(times) // 2],

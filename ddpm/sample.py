@@ -41,6 +41,7 @@ from ddpm.unet import UNet, UNetConfig
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "dpm2m", 10, 0.75
 DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = (0.28, 5.42)
 DEFAULT_SPACING = "karras"
+DEFAULT_SIGMA_MIN: float | None = 0.1
 
 
 def sigma_interval(text: str) -> tuple[float, float] | None:
@@ -60,8 +61,10 @@ def add_sampler_flags(
     p: argparse.ArgumentParser,
     interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
     spacing: str = DEFAULT_SPACING,
+    sigma_min: float | None = DEFAULT_SIGMA_MIN,
 ) -> None:
-    """--guidance-interval and --spacing (defaults given), shared by ddpm.sample and ddpm.evaluate."""
+    """--guidance-interval, --spacing and --sigma-min (defaults given), shared by ddpm.sample and
+    ddpm.evaluate."""
     p.add_argument(
         "--guidance-interval",
         type=sigma_interval,
@@ -75,6 +78,13 @@ def add_sampler_flags(
         default=spacing,
         help="which steps a short sampler visits: evenly spaced t, or evenly spaced in "
         "sigma^(1/7) (Karras et al. 2022): more of them at the highest and the lowest noise",
+    )
+    p.add_argument(
+        "--sigma-min",
+        type=nonneg_float,
+        default=sigma_min or 0.0,
+        help="end at the first step with sigma_t >= this and return its x0 prediction, skipping "
+        "the lowest-noise steps (0: end at t = 0, sigma_0 = 0.0064)",
     )
 
 
@@ -137,6 +147,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_sigma_min(diffusion: GaussianDiffusion, steps: int, spacing: str, sigma_min: float) -> None:
+    """A one-line error when --sigma-min leaves fewer noise levels than --steps."""
+    try:
+        diffusion.timesteps(steps, spacing, sigma_min=sigma_min or None)
+    except ValueError as e:
+        raise UserError(f"--sigma-min {sigma_min:g}: {e}") from None
+
+
 @torch.no_grad()
 def generate(
     model: UNet,
@@ -151,6 +169,7 @@ def generate(
     progress: bool = True,
     guidance_interval: tuple[float, float] | None = None,
     spacing: str = DEFAULT_SPACING,
+    sigma_min: float | None = None,
 ) -> torch.Tensor:
     """Samples as uint8 [N, 28, 28] for labels y [N], in batches, from one seeded generator."""
     device = next(model.parameters()).device
@@ -166,6 +185,7 @@ def generate(
             guidance=guidance,
             guidance_interval=guidance_interval,
             spacing=spacing,
+            sigma_min=sigma_min,
             generator=g,
             progress=progress,
         )
@@ -181,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     T = diffusion.T
     if a.steps > T:
         raise UserError(f"--steps {a.steps} is more than the model's T = {T}")
+    check_sigma_min(diffusion, a.steps, a.spacing, a.sigma_min)
     run_dir = Path(a.run) if Path(a.run).is_dir() else Path(a.run).parent
     out = Path(a.out) if a.out else run_dir / "samples.npz"
     if out.suffix != ".npz":
@@ -202,13 +223,16 @@ def main(argv: list[str] | None = None) -> None:
         a.batch_size,
         guidance_interval=a.guidance_interval,
         spacing=a.spacing,
+        sigma_min=a.sigma_min or None,
     )
     seconds = time.perf_counter() - start
     save_samples(out, images, y)
     lo_hi = a.guidance_interval
     where = f" where sigma_t is in ({lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else " at every step"
     print(
-        f"{a.n} digits in {seconds:.2f} s ({a.sampler}, {a.steps} {a.spacing} steps, guidance "
+        f"{a.n} digits in {seconds:.2f} s ({a.sampler}, {a.steps} {a.spacing} steps"
+        + (f" down to sigma {a.sigma_min:g}" if a.sigma_min else "")
+        + f", guidance "
         f"{a.guidance}{where}, step {ckpt['step']} weights) -> {out} and {out.with_suffix('.png')}"
     )
 
@@ -224,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             guidance=a.guidance,
             guidance_interval=a.guidance_interval,
             spacing=a.spacing,
+            sigma_min=a.sigma_min or None,
             generator=g,
             progress=False,
             return_trajectory=True,

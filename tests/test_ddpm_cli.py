@@ -234,6 +234,8 @@ def test_sample_is_reproducible_and_uses_the_ema(run, tmp_path):
         (["--guidance-interval", "3,1"], "expected 0 <= LO < HI"),
         (["--guidance-interval", "1"], "expected LO,HI"),
         (["--spacing", "log"], "invalid choice"),
+        (["--sigma-min", "-1"], "a number >= 0"),
+        (["--steps", "45", "--sigma-min", "1"], "leaves fewer than 45 steps"),
     ],
 )
 def test_sample_bad_flags(run, tmp_path, capsys, args, message):

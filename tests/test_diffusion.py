@@ -215,6 +215,37 @@ def test_timesteps_karras(diff):
         diff.timesteps(10, "log")
 
 
+def test_timesteps_sigma_min(diff):
+    sigma = diff.sqrt_recipm1_alpha_bar
+    for spacing in ("uniform", "karras"):
+        # The default end, t = 0, is sigma_min = sigma_0.
+        default_end = diff.timesteps(10, spacing, sigma_min=sigma[0].item())
+        assert torch.equal(default_end, diff.timesteps(10, spacing))
+        for sigma_min in (0.05, 0.1, 1.0):
+            ts = diff.timesteps(10, spacing, sigma_min=sigma_min)
+            t_min = ts[-1].item()
+            assert sigma[t_min] >= sigma_min > sigma[t_min - 1]  # the first t at or above it
+            assert len(ts) == 10 and ts[0] == T - 1 and bool((ts[1:] < ts[:-1]).all())
+    # Karras: the same eq. 5 between sigma_max and the new end.
+    ts = diff.timesteps(10, "karras", sigma_min=0.1)
+    i = torch.arange(10, dtype=torch.float64) / 9
+    lo = sigma[ts[-1]] ** (1 / 7)
+    target = (80.0 ** (1 / 7) + i * (lo - 80.0 ** (1 / 7))) ** 7
+    for k in range(1, 9):
+        assert sigma[ts[k]] >= target[k] > sigma[ts[k] - 1]
+    with pytest.raises(ValueError, match="leaves fewer than"):
+        diff.timesteps(T, "uniform", sigma_min=0.1)
+
+
+def test_sampling_ends_at_sigma_min_with_the_x0_prediction(diff):
+    c = point()
+    for sampler in ("ddim", "dpm2m", "ddpm"):
+        out, traj = diff.sample(point_oracle(diff, c), None, (4, 1, 4, 4), sampler, steps=10, sigma_min=0.5,
+                                generator=gen(17), progress=False, dtype=F64, return_trajectory=True)
+        assert [t for t, _ in traj] == diff.timesteps(10, sigma_min=0.5).tolist() + [-1]
+        assert (out - c).abs().max().item() < 1e-6  # the last step returns x0_hat, noise-free
+
+
 # ------------------------------------------------------------------------------- samplers
 def test_sample_ddpm_is_the_p_step_loop(diff):
     shape = (3, 1, 2, 2)

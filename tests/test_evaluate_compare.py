@@ -204,5 +204,11 @@ def test_sampler_labels_tell_spacing_and_guidance_interval_apart():
     plain = {"sampler": "dpm2m", "steps": 10, "spacing": "uniform", "guidance_interval": None}
     karras = {**plain, "spacing": "karras"}
     interval = {**karras, "guidance_interval": [0.28, 5.42]}
-    labels = [compare.sampler_label(s) for s in (plain, karras, interval)]
-    assert labels == ["DPM2M 10", "DPM2M karras 10", "DPM2M karras 10 guided in sigma (0.28, 5.42]"]
+    early_end = {**interval, "sigma_min": 0.1}
+    labels = [compare.sampler_label(s) for s in (plain, karras, interval, early_end)]
+    assert labels == [
+        "DPM2M 10",
+        "DPM2M karras 10",
+        "DPM2M karras 10 guided in sigma (0.28, 5.42]",
+        "DPM2M karras 10 to sigma 0.1 guided in sigma (0.28, 5.42]",
+    ]
