@@ -24,6 +24,7 @@ from ddpm.sample import (
     DEFAULT_GUIDANCE,
     DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_SAMPLER,
+    DEFAULT_SIGMA_MIN,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
     generate,
@@ -95,6 +96,7 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         generate(  # exactly what `ddpm.sample` runs by default, for 100 digits
             model, diffusion, yb, DEFAULT_SAMPLER, DEFAULT_STEPS, 0.0, DEFAULT_GUIDANCE, seed=0,
             progress=False, guidance_interval=DEFAULT_GUIDANCE_INTERVAL, spacing=DEFAULT_SPACING,
+            sigma_min=DEFAULT_SIGMA_MIN,
         )  # fmt: skip
         sync(device)
         sample_100_s = time.perf_counter() - start
@@ -108,7 +110,8 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         "train_img_per_s": round(train_img_per_s, 1),
         "sample_ms_per_step": round(step_ms, 1),
         "sample_100_digits_s": round(sample_100_s, 2),
-        "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} {DEFAULT_SPACING} steps, "
+        "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} {DEFAULT_SPACING} steps "
+        f"to sigma {DEFAULT_SIGMA_MIN}, "
         f"guidance {DEFAULT_GUIDANCE} in sigma interval {DEFAULT_GUIDANCE_INTERVAL}",
     }
 
