@@ -318,9 +318,9 @@ class GaussianDiffusion:
                 h_i = lambda_s - lambda_t and r = h_{i-1} / h_i, D = (1 + 1/(2r)) x0_hat_i -
                 1/(2r) x0_hat_{i-1}, so e = h_i / (2 h_{i-1}). e = 0 (first order) at the
                 first step (no history), at the last (lambda_s = inf; x_s = x0_hat) and at the
-                one into the last (t = 0): lambda jumps there (3.4 over the last of 10 steps against 0.7
-                before), and extrapolating over that jump overshoots (the "lower order final"
-                of Lu et al.). `eta` is ignored.
+                one into the last: lambda jumps there (into t = 0: 3.4 over the last of 10
+                steps against 0.7 before), and extrapolating over that jump overshoots (the
+                "lower order final" of Lu et al.). `eta` is ignored.
         """
         ts = ts.long().cpu()
         ts_prev = torch.cat([ts[1:], ts.new_tensor([-1])])

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     progress=False,
                     guidance_interval=a.guidance_interval,
                     spacing=a.spacing,
-                    sigma_min=a.sigma_min or None,
+                    sigma_min=a.sigma_min,
                 )
             )
             times.append((time.perf_counter() - t0) * 100 / len(yb))
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "guidance": w,
             "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
             "spacing": spacing,
-            "sigma_min": (a.sigma_min or None) if spacing != "all" else None,
+            "sigma_min": a.sigma_min if spacing != "all" else None,
             "eta": a.eta if sampler == "ddim" else None,
             "n": n,
             "seconds_per_100": sorted(times)[len(times) // 2],

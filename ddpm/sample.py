@@ -57,6 +57,11 @@ def sigma_interval(text: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+def sigma_min_arg(text: str) -> float | None:
+    """--sigma-min: a noise level, or 0 for none (the samplers then end at t = 0)."""
+    return nonneg_float(text) or None
+
+
 def add_sampler_flags(
     p: argparse.ArgumentParser,
     interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
@@ -81,8 +86,8 @@ def add_sampler_flags(
     )
     p.add_argument(
         "--sigma-min",
-        type=nonneg_float,
-        default=sigma_min or 0.0,
+        type=sigma_min_arg,
+        default=sigma_min,
         help="end at the first step with sigma_t >= this and return its x0 prediction, skipping "
         "the lowest-noise steps (0: end at t = 0, sigma_0 = 0.0064)",
     )
@@ -147,10 +152,12 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def check_sigma_min(diffusion: GaussianDiffusion, steps: int, spacing: str, sigma_min: float) -> None:
+def check_sigma_min(
+    diffusion: GaussianDiffusion, steps: int, spacing: str, sigma_min: float | None
+) -> None:
     """A one-line error when --sigma-min leaves fewer noise levels than --steps."""
     try:
-        diffusion.timesteps(steps, spacing, sigma_min=sigma_min or None)
+        diffusion.timesteps(steps, spacing, sigma_min=sigma_min)
     except ValueError as e:
         raise UserError(f"--sigma-min {sigma_min:g}: {e}") from None
 
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         a.batch_size,
         guidance_interval=a.guidance_interval,
         spacing=a.spacing,
-        sigma_min=a.sigma_min or None,
+        sigma_min=a.sigma_min,
     )
     seconds = time.perf_counter() - start
     save_samples(out, images, y)
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             guidance=a.guidance,
             guidance_interval=a.guidance_interval,
             spacing=a.spacing,
-            sigma_min=a.sigma_min or None,
+            sigma_min=a.sigma_min,
             generator=g,
             progress=False,
             return_trajectory=True,
