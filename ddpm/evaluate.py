@@ -194,14 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = T if steps is None else steps
         if steps > T:
             raise UserError(f"--samplers {sampler}{steps}: more steps than the model's T = {T}")
-        if steps < T:
-            check_sigma_min(diffusion, steps, a.spacing, a.sigma_min)
-        spacing = a.spacing if steps < T else "all"  # all T steps: nothing to space
+        # All T steps: nothing to space, and no step to skip.
+        spacing, sigma_min = (a.spacing, a.sigma_min) if steps < T else ("all", None)
+        check_sigma_min(diffusion, steps, a.spacing, sigma_min)
         for w in a.guidance:
             name = f"{sampler}{steps}_w{w:g}" + ("_karras" if spacing == "karras" else "")
-            name += f"_smin{a.sigma_min:g}" if a.sigma_min and spacing != "all" else ""
+            name += f"_smin{sigma_min:g}" if sigma_min else ""
             if name not in {g[0] for g in grid}:
-                grid.append((name, sampler, steps, w, spacing))
+                grid.append((name, sampler, steps, w, spacing, sigma_min))
     judge = load_judge(a.classifier, a.data_dir)
     started = time.perf_counter()
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings: list[dict[str, Any]] = []
     images_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     (run / "sweep").mkdir(exist_ok=True)
-    for i, (name, sampler, steps, w, spacing) in enumerate(grid):
+    for i, (name, sampler, steps, w, spacing, sigma_min) in enumerate(grid):
         n = a.n_ddpm if sampler == "ddpm" and steps == T else a.n
         y = requested_labels(n, None, None)
         batches, times = [], []
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     progress=False,
                     guidance_interval=a.guidance_interval,
                     spacing=a.spacing,
-                    sigma_min=a.sigma_min,
+                    sigma_min=sigma_min,
                 )
             )
             times.append((time.perf_counter() - t0) * 100 / len(yb))
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "guidance": w,
             "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
             "spacing": spacing,
-            "sigma_min": a.sigma_min if spacing != "all" else None,
+            "sigma_min": sigma_min,
             "eta": a.eta if sampler == "ddim" else None,
             "n": n,
             "seconds_per_100": sorted(times)[len(times) // 2],

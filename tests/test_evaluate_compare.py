@@ -3,6 +3,7 @@ synthetic MNIST, scored by a tiny judge trained here (never real MNIST, never a 
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,20 @@ def test_ddpm_metrics_json(runs):
     assert lik["bits_per_dim"] == pytest.approx(total, rel=1e-6)
     assert m["train"]["images_seen"] == 8 * 32 and m["train"]["seconds"] > 0
     assert (runs / "ddpm" / "frontier.png").is_file() and (runs / "ddpm" / "samples.npz").is_file()
+
+
+def test_sigma_min_ends_the_short_samplers_but_not_the_full_length_one(runs, judge_dir, data_dir, tmp_path):
+    run = tmp_path / "ddpm"
+    run.mkdir()
+    for f in ("checkpoint.pt", "config.json"):
+        shutil.copy(runs / "ddpm" / f, run / f)
+    ddpm_evaluate.main(
+        ["--run", str(run), "--guidance", "0", "--samplers", "ddpm,ddim5", "--sigma-min", "0.3", "--n", "10",
+         "--n-ddpm", "10", "--vlb-n", "0", "--batch-size", "10", "--device", "cpu",
+         "--classifier", str(judge_dir), "--data-dir", data_dir]
+    )  # fmt: skip
+    settings = read(run)["settings"]
+    assert [(s["name"], s["sigma_min"]) for s in settings] == [("ddpm50_w0", None), ("ddim5_w0_smin0.3", 0.3)]
 
 
 def test_every_metrics_key_is_in_the_readme(runs):
