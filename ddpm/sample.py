@@ -236,10 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     save_samples(out, images, y)
     lo_hi = a.guidance_interval
     where = f" where sigma_t is in ({lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else " at every step"
+    end = f" down to sigma {a.sigma_min:g}" if a.sigma_min else ""
     print(
-        f"{a.n} digits in {seconds:.2f} s ({a.sampler}, {a.steps} {a.spacing} steps"
-        + (f" down to sigma {a.sigma_min:g}" if a.sigma_min else "")
-        + f", guidance "
+        f"{a.n} digits in {seconds:.2f} s ({a.sampler}, {a.steps} {a.spacing} steps{end}, guidance "
         f"{a.guidance}{where}, step {ckpt['step']} weights) -> {out} and {out.with_suffix('.png')}"
     )
 
