@@ -94,16 +94,22 @@ def sampler_label(s: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """FD / floor (log) against conditional accuracy; one curve per sampler+steps over guidance w."""
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+def frontier_curves(settings: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The frontier's curves: scored settings grouped by sampler label (prefixed by the setting's
+    'run', if it has one, so that two models never share a curve), each sorted by guidance w."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for s in settings:
         if s["metrics"].get("accuracy") is None or s["metrics"].get("fd_ratio") is None:
             continue
-        groups.setdefault(sampler_label(s), []).append(s)
-    for name, group in groups.items():
-        group = sorted(group, key=lambda s: s["guidance"] or 0)
+        name = f"{s['run']}: {sampler_label(s)}" if s.get("run") else sampler_label(s)
+        groups.setdefault(name, []).append(s)
+    return {name: sorted(g, key=lambda s: s["guidance"] or 0) for name, g in groups.items()}
+
+
+def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """FD / floor (log) against conditional accuracy; one curve per sampler+steps over guidance w."""
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for name, group in frontier_curves(settings).items():
         xs = [100 * s["metrics"]["accuracy"] for s in group]
         ys = [s["metrics"]["fd_ratio"] for s in group]
         n = sorted({s["n"] for s in group})
@@ -125,10 +131,10 @@ def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str =
     ax.set_ylabel("MNIST-FD / floor (same N)")
     ax.set_title(title or "Guidance frontier (each point: one guidance w)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    # Below the axes: curve names with a guidance interval are too long to sit over the data.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -451,7 +457,9 @@ def main(argv: list[str] | None = None) -> Path:
         figures["curves.png"] = "training curves (from loss.csv)"
     plot_vs_steps(runs, out / "steps.png")
     figures["steps.png"] = "MNIST-FD / floor and conditional accuracy against sampling steps"
-    sweep = [s for m in runs if m.get("settings") for s in m["settings"]]
+    swept = [m for m in runs if m.get("settings")]
+    # Settings of different runs (models) get their run's name, so no curve mixes two models.
+    sweep = [{**s, "run": label_of(m)} if len(swept) > 1 else s for m in swept for s in m["settings"]]
     if sweep:
         plot_frontier(sweep, out / "frontier.png")
         figures["frontier.png"] = (

@@ -227,3 +227,15 @@ def test_sampler_labels_tell_spacing_and_guidance_interval_apart():
         "DPM2M karras 10 guided in sigma (0.28, 5.42]",
         "DPM2M karras 10 to sigma 0.1 guided in sigma (0.28, 5.42]",
     ]
+
+
+def test_frontier_never_joins_two_models_in_one_curve():
+    def setting(w, fd, run=None):
+        s = {"sampler": "dpm2m", "steps": 10, "guidance": w, "metrics": {"accuracy": 0.99, "fd_ratio": fd}}
+        return {**s, "run": run} if run else s
+
+    one_model = compare.frontier_curves([setting(1, 2.0), setting(0.5, 1.5)])
+    assert list(one_model) == ["DPM2M 10"]
+    assert [s["guidance"] for s in one_model["DPM2M 10"]] == [0.5, 1]  # sorted by w
+    two_models = compare.frontier_curves([setting(0.5, 1.5, "ddpm"), setting(0.5, 1.2, "ddpm_6ep")])
+    assert sorted(two_models) == ["ddpm: DPM2M 10", "ddpm_6ep: DPM2M 10"]
