@@ -11,8 +11,9 @@
 # for one epoch, a few minutes on a laptop CPU. Its run directory (`<out>/run/`: config,
 # checkpoint, loss.csv, sample grids) is kept, so `uv run python -m ddpm.sample --run <out>/run`
 # works on it afterwards. The digits of so short a run are recognisable but far from the best
-# this project gets; a full run (`uv run python -m ddpm.train`, 3 epochs or 30 minutes on 2 CPU cores)
-# writes `results/ddpm/`, and `--run results/ddpm` makes this tutorial use it instead.
+# this project gets; a full run (`uv run python -m ddpm.train`, 6 epochs or 30 minutes on 2 CPU
+# cores, whichever comes first) writes `results/ddpm/`, and `--run results/ddpm` makes this
+# tutorial use it instead.
 #
 # Run: `uv run python tutorials/07_train_and_sample.py [--out DIR] [--quick] [--data-dir DIR]
 # [--run RUN_DIR]`.
