@@ -59,6 +59,14 @@ def digit_list(text: str) -> list[int]:
     return [digit(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def int_tuple(text: str) -> tuple[int, ...]:
+    """Parse `1,3,6` into (1, 3, 6); an empty string is the empty tuple."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults in --help and keep the description's line breaks."""
 

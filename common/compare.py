@@ -7,11 +7,12 @@ samples.npz, loss.csv) and writes into --out:
     grid_<run>.png  samples, one row per digit (requested digit; the judge's label if unlabelled)
     curves.png      training curves from each loss.csv
     steps.png       MNIST-FD / floor and conditional accuracy against sampling steps
-    frontier.png    the guidance frontier: FD / floor against accuracy, one curve per step count
+    frontier.png    the guidance frontier: FD / floor against accuracy, one curve per sampler and steps
     nearest.png     samples beside their nearest training images (pixel L2), the memorisation check
 
 The nearest-neighbour figure needs the MNIST training images (--data-dir); the judge is only
-used, if it exists, to sort unlabelled samples into rows. Nothing here imports a model package.
+used, if it exists, to sort unlabelled samples into rows. Nothing here imports a model package:
+a sampler setting is known by what metrics.json records of it (its label, method, steps, w).
 """
 
 from __future__ import annotations
@@ -21,18 +22,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from common.checkpoint import read_csv  # noqa: E402
-from common.cli import ArgumentParser, UserError, user_errors  # noqa: E402
-from common.samples import load_samples  # noqa: E402
-from common.viz import save_digit_grid, save_grid  # noqa: E402
-
-NUM_CLASSES = 10
+from common.cli import ArgumentParser, UserError, user_errors
+from common.figures import plot_frontier, plot_nearest, plot_training_curves, plot_vs_steps
+from common.metrics import GOAL, NUM_CLASSES
+from common.samples import load_samples
+from common.viz import save_digit_grid, save_grid
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -62,14 +58,17 @@ def label_of(metrics: dict[str, Any]) -> str:
 
 
 def settings_of(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per sampler setting: the DDPM's sweep, or the single setting of a VAE."""
+    """One entry per sampler setting, each with `name`, `label`, `method`, `steps`, `guidance`, `n`,
+    `seconds_per_100` and `metrics`: the DDPM's sweep, or the single setting of a VAE."""
     if metrics.get("settings"):
-        return metrics["settings"]
+        # metrics.json from before settings recorded their label and method: the name stands in
+        return [{"label": s["name"], "method": s.get("sampler", s["name"]), **s} for s in metrics["settings"]]
     s = metrics.get("sampling", {})
     return [
         {
             "name": "decoder",
-            "sampler": "decoder",
+            "label": "decoder (1 pass)",
+            "method": "decoder",
             "steps": s.get("steps", 1),
             "guidance": None,
             "n": metrics["samples"]["n"],
@@ -79,156 +78,9 @@ def settings_of(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def sampler_family(s: dict[str, Any]) -> str:
-    """'DPM2M' for a sweep setting of ddpm.evaluate, 'DPM2M karras' with Karras step spacing."""
-    return s["sampler"].upper() + (" karras" if s.get("spacing") == "karras" else "")
-
-
-def sampler_label(s: dict[str, Any]) -> str:
-    """The family and the step count, 'DPM2M karras 10', then the last step's noise level and
-    the guidance interval if set: 'DPM2M karras 10 to sigma 0.1 guided in sigma (0.28, 5.42]'."""
-    interval, sigma_min = s.get("guidance_interval"), s.get("sigma_min")
-    end = f" to sigma {sigma_min:g}" if sigma_min else ""
-    where = f" guided in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
-    return f"{sampler_family(s)} {s['steps']}{end}{where}"
-
-
-# ----------------------------------------------------------------------------- figures
-def frontier_curves(settings: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The frontier's curves: scored settings grouped by sampler label (prefixed by the setting's
-    'run', if it has one, so that two models never share a curve), each sorted by guidance w."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for s in settings:
-        if s["metrics"].get("accuracy") is None or s["metrics"].get("fd_ratio") is None:
-            continue
-        name = f"{s['run']}: {sampler_label(s)}" if s.get("run") else sampler_label(s)
-        groups.setdefault(name, []).append(s)
-    return {name: sorted(g, key=lambda s: s["guidance"] or 0) for name, g in groups.items()}
-
-
-def plot_frontier(settings: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """FD / floor (log) against conditional accuracy; one curve per sampler+steps over guidance w."""
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for name, group in frontier_curves(settings).items():
-        xs = [100 * s["metrics"]["accuracy"] for s in group]
-        ys = [s["metrics"]["fd_ratio"] for s in group]
-        n = sorted({s["n"] for s in group})
-        (line,) = ax.plot(xs, ys, marker="o", label=f"{name} steps (N = {', '.join(map(str, n))})")
-        for s, x, y in zip(group, xs, ys, strict=True):
-            ax.annotate(
-                f"w={s['guidance']:g}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(3, 3),
-                fontsize=7,
-                color=line.get_color(),
-            )
-    ax.axhline(1.0, color="grey", ls=":", lw=1)
-    ax.axhline(1.5, color="grey", ls="--", lw=1, label="goal: FD <= 1.5 x floor")
-    ax.axvline(99.0, color="grey", ls="-.", lw=1, label="goal: accuracy >= 99 %")
-    ax.set_yscale("log")
-    ax.set_xlabel("conditional accuracy (%), judge classifier")
-    ax.set_ylabel("MNIST-FD / floor (same N)")
-    ax.set_title(title or "Guidance frontier (each point: one guidance w)")
-    ax.grid(alpha=0.3, which="both")
-    # Below the axes: curve names with a guidance interval are too long to sit over the data.
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_vs_steps(runs: list[dict[str, Any]], path: str | Path) -> None:
-    """Two panels against sampling steps (log): MNIST-FD / floor and conditional accuracy.
-
-    Diffusion runs: one colour per guidance w, one line per sampler over its step counts
-    (circles DDIM, squares DPM-Solver++(2M), dashed for Karras spacing), the ancestral DDPM
-    sampler as crosses; one-pass models (the VAEs) as stars at 1 step.
-    """
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)  # one colour per series
-    for m in runs:
-        label = label_of(m)
-        settings = settings_of(m)
-        if not m.get("settings"):
-            s, color = settings[0], next(colors)
-            ax_fd.plot([s["steps"]], [s["metrics"]["fd_ratio"]], marker="*", ms=12, ls="", color=color,
-                       label=label)  # fmt: skip
-            if s["metrics"].get("accuracy") is not None:
-                ax_acc.plot([s["steps"]], [100 * s["metrics"]["accuracy"]], marker="*", ms=12, ls="",
-                            color=color, label=label)  # fmt: skip
-            continue
-        for w in sorted({s["guidance"] for s in settings}):
-            color = next(colors)
-            families: dict[str, list[dict[str, Any]]] = {}
-            for s in settings:
-                if s["guidance"] == w:
-                    families.setdefault(sampler_family(s), []).append(s)
-            for family, group in families.items():
-                group = sorted(group, key=lambda s: s["steps"])
-                sampler, karras = group[0]["sampler"], family.endswith("karras")
-                style = (
-                    {"marker": "x", "ms": 9, "ls": ""}  # the ancestral sampler: one step count
-                    if sampler == "ddpm"
-                    else {"marker": "o" if sampler == "ddim" else "s", "ls": "--" if karras else "-"}
-                )
-                for ax, key, scale in ((ax_fd, "fd_ratio", 1), (ax_acc, "accuracy", 100)):
-                    ax.plot(
-                        [s["steps"] for s in group],
-                        [scale * s["metrics"][key] for s in group],
-                        color=color,
-                        label=f"{label} {family} w={w:g}",
-                        **style,
-                    )
-    ax_fd.axhline(1.0, color="grey", ls=":", lw=1)
-    ax_fd.set_yscale("log")
-    ax_fd.set_ylabel("MNIST-FD / floor (same N)")
-    ax_acc.set_ylabel("conditional accuracy (%)")
-    for ax in (ax_fd, ax_acc):
-        ax.set_xscale("log")
-        ax.set_xlabel("sampling steps (network evaluations per image, x2 with guidance)")
-        ax.grid(alpha=0.3, which="both")
-    ax_fd.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_training_curves(runs: list[dict[str, Any]], path: str | Path) -> bool:
-    """One panel per run from its loss.csv, with the columns its metrics.json names."""
-    panels = []
-    for m in runs:
-        csv = Path(m["dir"]) / "loss.csv"
-        curve = m.get("curve")
-        if csv.is_file() and curve:
-            rows = read_csv(csv)
-            if rows:
-                panels.append((m, curve, rows))
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), dpi=120, squeeze=False)
-    for ax, (m, curve, rows) in zip(axes[0], panels, strict=True):
-        x = [r[curve["x"]] for r in rows]
-        for col in curve["y"]:
-            if col in rows[0]:
-                ax.plot(x, [r[col] for r in rows], marker="." if len(rows) < 50 else None, label=col)
-        if curve.get("logy"):
-            ax.set_yscale("log")
-        ax.set_xlabel(curve["x"])
-        ax.set_ylabel(curve.get("ylabel", ""))
-        ax.set_title(label_of(m))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
 def judge_labels(images: torch.Tensor, classifier: str | Path | None) -> torch.Tensor | None:
     """The judge's labels for unlabelled samples, if a trained judge exists (never trains one)."""
-    from common.metrics import CLASSIFIER, DEFAULT_DIR, Judge
+    from common.judge import CLASSIFIER, DEFAULT_DIR, Judge
 
     directory = Path(classifier) if classifier else DEFAULT_DIR
     if not (directory / CLASSIFIER).is_file():
@@ -243,37 +95,6 @@ def save_run_grid(images: torch.Tensor, labels: torch.Tensor | None, path: Path,
         return "first 100 samples"
     save_digit_grid(images, labels, path, per_digit=per_digit)
     return "one row per digit"
-
-
-def plot_nearest(picks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]], path: str | Path) -> None:
-    """For each run: a row of samples over a row of their nearest training images.
-
-    picks: (label, samples uint8 [10, 28, 28], neighbours uint8 [10, 28, 28], distances [10]).
-    """
-    cols = max(len(p[1]) for p in picks)
-    fig, axes = plt.subplots(
-        2 * len(picks), cols, figsize=(cols * 0.9, 2 * len(picks) * 1.0), dpi=120, squeeze=False
-    )
-    for r, (label, samples, neighbours, dists) in enumerate(picks):
-        for c in range(cols):
-            for row, imgs in ((2 * r, samples), (2 * r + 1, neighbours)):
-                ax = axes[row][c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c < len(imgs):
-                    ax.imshow(imgs[c].numpy(), cmap="gray", vmin=0, vmax=255)
-                    if row == 2 * r + 1:
-                        ax.set_xlabel(f"{dists[c]:.1f}", fontsize=6)
-        axes[2 * r][0].set_ylabel(f"{label}", fontsize=7)
-        axes[2 * r + 1][0].set_ylabel("nearest\ntrain", fontsize=7)
-    fig.suptitle(
-        "samples (upper row), their nearest training image (pixel L2 distance below; in brackets the "
-        "median distance of test images to theirs)",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -301,14 +122,8 @@ def table_rows(m: dict[str, Any]) -> list[str]:
     for s in settings_of(m):
         sm = s["metrics"]
         best = m.get("best") == s.get("name") and m.get("settings")
-        setting = (
-            "decoder (1 pass)"
-            if s["sampler"] == "decoder"
-            else f"{sampler_label(s)}, w={s['guidance']:g}"
-        )
         name = f"**{label}**" if best else label
-        if best:
-            setting = f"**{setting}** (best)"
+        setting = f"**{s['label']}** (best)" if best else s["label"]
         rows.append(
             "| "
             + " | ".join(
@@ -455,13 +270,13 @@ def main(argv: list[str] | None = None) -> Path:
         )
     if plot_training_curves(runs, out / "curves.png"):
         figures["curves.png"] = "training curves (from loss.csv)"
-    plot_vs_steps(runs, out / "steps.png")
+    plot_vs_steps([(label_of(m), settings_of(m)) for m in runs], out / "steps.png")
     figures["steps.png"] = "MNIST-FD / floor and conditional accuracy against sampling steps"
     swept = [m for m in runs if m.get("settings")]
     # Settings of different runs (models) get their run's name, so no curve mixes two models.
-    sweep = [{**s, "run": label_of(m)} if len(swept) > 1 else s for m in swept for s in m["settings"]]
+    sweep = [{**s, "run": label_of(m)} if len(swept) > 1 else s for m in swept for s in settings_of(m)]
     if sweep:
-        plot_frontier(sweep, out / "frontier.png")
+        plot_frontier(sweep, out / "frontier.png", GOAL)
         figures["frontier.png"] = (
             "guidance frontier: MNIST-FD / floor against accuracy, one curve per sampler"
         )

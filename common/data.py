@@ -148,24 +148,9 @@ def read_idx(path: str | Path) -> torch.Tensor:
 def write_idx(path: str | Path, array: torch.Tensor) -> None:
     """Write a uint8 tensor as an IDX file (the MNIST format: magic, dims, big-endian sizes).
 
-    Used by tests and tutorials to make tiny synthetic MNIST folders.
+    The tests write tiny synthetic MNIST folders with it (tests/fake_mnist.py).
     """
     array = array.to(torch.uint8).contiguous()
     header = bytes([0, 0, 0x08, array.dim()])
     header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     Path(path).write_bytes(header + array.numpy().tobytes())
-
-
-def write_fake_mnist(root: str | Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> Path:
-    """A tiny synthetic MNIST in torchvision layout under `root` (digit-dependent blobs)."""
-    raw = Path(root) / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.arange(n) % 10
-        images = torch.randint(0, 40, (n, 28, 28), generator=g)
-        for i, y in enumerate(labels.tolist()):  # a bright bar whose place encodes the digit
-            images[i, 4 + 2 * y : 6 + 2 * y, 6:22] = 255
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return Path(root)

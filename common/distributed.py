@@ -79,11 +79,6 @@ def max_across(d: Dist, values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def any_across(d: Dist, flag: bool) -> bool:
-    """True on every rank if it is True on any rank: stop decisions are taken together."""
-    return max_across(d, [1.0 if flag else 0.0])[0] > 0
-
-
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -1,12 +1,12 @@
 """Speed of our UNet on this machine: `python -m ddpm.bench`.
 
-Prints one JSON line with the same measurements as ../shared/bench/reference_unet.py
-(training images/s at batch 64: eps-MSE, backward, one Adam step, random data; ms per
-denoising forward pass at batch 100, no grad), plus GFLOP per image forward
-(torch.utils.flop_counter) and the wall time to draw 100 digits with the default sampler.
-Run both in one command so they see the same machine load, and compare ratios:
-
-    uv run python -m ddpm.bench; uv run --with diffusers python ../shared/bench/reference_unet.py
+Prints one JSON line per UNet: training images/s at batch 64 (`ddpm.train.train_step` with the
+default recipe on random data: label drop, Min-SNR eps loss, backward, clipping, one AdamW step,
+EMA update), ms per denoising forward pass at batch 100 (no grad), GFLOP per image forward
+(torch.utils.flop_counter), and the wall time to draw 100 digits with `ddpm.sample`'s default
+setting and how many model passes of batch 100 that takes. The original project's reference
+script measures the same training and forward numbers for its UNet: run both in one command, so
+they see the same machine load, and compare ratios (docs/experiments.md, "Speed").
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.cli import ArgumentParser, positive_int, user_errors
+from common.ema import make_ema
 from common.runtime import count_params, pick_device
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.sample import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_GUIDANCE_INTERVAL,
-    DEFAULT_SAMPLER,
-    DEFAULT_SIGMA_MIN,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    generate,
-)
-from ddpm.schedule import cosine_betas
-from ddpm.unet import UNet, UNetConfig
+from ddpm.config import DDPMConfig, build_model
+from ddpm.sample import generate
+from ddpm.samplers import SamplerSpec
+from ddpm.train import TrainState, train_step
+from ddpm.unet import UNetConfig
 
 
 def gflop_per_image(model: torch.nn.Module) -> float:
@@ -61,29 +55,28 @@ def sync(device: torch.device) -> None:
 
 
 def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch.device) -> dict:
-    """Time one configuration the way the reference script does; returns one JSON-able row."""
+    """Time one configuration: training steps, forward passes, 100 default digits; one JSON-able row."""
     torch.manual_seed(0)
-    model = UNet(config)
+    cfg = DDPMConfig(unet=config)
+    model, diffusion = build_model(cfg)
     gflop = gflop_per_image(model)
-    model.to(device)
-    diffusion = GaussianDiffusion(cosine_betas(1000))
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = TrainState(model, model, make_ema(model, cfg.ema_decay, warmup=True), opt, diffusion)
     x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
     y = torch.randint(0, 10, (batch,), device=device)
-    for i in range(steps + 3):  # 3 warm-up steps, as the reference does
+    for i in range(steps + 3):  # 3 warm-up steps
         if i == 3:
             sync(device)
             start = time.perf_counter()
-        loss = diffusion.loss(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(state, x, y, cfg.lr, cfg.p_uncond, cfg.snr_gamma, cfg.grad_clip)
     sync(device)
     train_img_per_s = batch * steps / (time.perf_counter() - start)
 
     model.eval()
     xb, yb = torch.randn(100, 1, 28, 28, device=device), torch.arange(100, device=device) % 10
     tb = torch.full((100,), 500, device=device)
+    spec = SamplerSpec()  # what `ddpm.sample` draws with by default
     with torch.no_grad():
         for i in range(6):
             if i == 1:
@@ -93,11 +86,7 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         sync(device)
         step_ms = (time.perf_counter() - start) / 5 * 1000
         start = time.perf_counter()
-        generate(  # exactly what `ddpm.sample` runs by default, for 100 digits
-            model, diffusion, yb, DEFAULT_SAMPLER, DEFAULT_STEPS, 0.0, DEFAULT_GUIDANCE, seed=0,
-            progress=False, guidance_interval=DEFAULT_GUIDANCE_INTERVAL, spacing=DEFAULT_SPACING,
-            sigma_min=DEFAULT_SIGMA_MIN,
-        )  # fmt: skip
+        generate(model, diffusion, spec, yb, seed=0)
         sync(device)
         sample_100_s = time.perf_counter() - start
     return {
@@ -110,9 +99,8 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         "train_img_per_s": round(train_img_per_s, 1),
         "sample_ms_per_step": round(step_ms, 1),
         "sample_100_digits_s": round(sample_100_s, 2),
-        "sample_setting": f"{DEFAULT_SAMPLER} {DEFAULT_STEPS} {DEFAULT_SPACING} steps "
-        f"to sigma {DEFAULT_SIGMA_MIN}, "
-        f"guidance {DEFAULT_GUIDANCE} in sigma interval {DEFAULT_GUIDANCE_INTERVAL}",
+        "sample_passes": spec.passes(diffusion),
+        "sample_setting": spec.label,
     }
 
 

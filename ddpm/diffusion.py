@@ -1,15 +1,15 @@
-"""Gaussian diffusion: forward process, posterior, DDPM and DDIM samplers, guidance, bound.
+"""Gaussian diffusion, the process itself: forward process, posterior, reverse steps, loss, bound.
 
 Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models"): betas,
 alphas = 1 - betas, alpha_bar = prod alphas, x0 the data, xt the noised data at step t,
 eps the standard normal noise, and the model is any callable
-`eps_model(xt, t, y) -> eps_pred` (t long [B], y long [B] or None).
+`eps_model(xt, t, y) -> eps_pred` (xt [B, C, H, W], t long [B], y long [B] or None).
 Index t is 0-based: t = 0 is the paper's step 1 (see `ddpm.schedule`), and `t_prev = -1`
 stands for "x0 itself" (alpha_bar = 1).
 
 Schedule arrays are float64, built once; every method casts what it needs to the input's
 dtype and device (cached), so the same object serves float32 training on a GPU and float64
-tests on the CPU.
+tests on the CPU. The loops that chain the reverse steps into samplers are in `ddpm.samplers`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from common.distributions import discretized_gaussian_log_likelihood, nats_to_bits_per_dim, normal_kl
 from common.tensor import extract, mean_flat, sum_flat
@@ -41,29 +40,6 @@ def randn(
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-def guided_eps(
-    eps_model: EpsModel,
-    xt: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor | None,
-    guidance: float,
-    null_label: int = 10,
-) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6):
-
-        eps~ = (1 + w) eps(xt, y) - w eps(xt, null)
-
-    with the null label as the unconditional input. Both passes run as one model call of
-    batch 2B. w = 0 (or y = None, fully unconditional) is a single plain call.
-    `GaussianDiffusion.sample` inlines the same computation with its inputs prepared once.
-    """
-    if guidance == 0 or y is None:
-        return eps_model(xt, t, y)
-    y_null = torch.full_like(y, null_label)
-    e_cond, e_uncond = eps_model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
-    return torch.lerp(e_uncond, e_cond, 1.0 + guidance)  # e_u + (1 + w)(e_c - e_u)
-
-
 class GaussianDiffusion:
     """The diffusion process of Ho et al. 2020 for a given beta schedule (float64 [T]).
 
@@ -71,7 +47,9 @@ class GaussianDiffusion:
       alphas                 = 1 - betas
       alpha_bar[t]           = prod_{i <= t} alphas[i]
       alpha_bar_prev[t]      = alpha_bar[t - 1], and 1 at t = 0
-      snr[t]                 = alpha_bar / (1 - alpha_bar)
+      snr[t]                 = alpha_bar / (1 - alpha_bar), the signal-to-noise ratio of xt
+      sigma[t]               = sqrt((1 - alpha_bar) / alpha_bar) = 1 / sqrt(snr): the noise level of
+                               xt / sqrt(alpha_bar_t) = x0 + sigma_t eps (Karras et al. 2022's sigma)
       posterior_variance     = beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas  (Ho eq. 7)
       posterior_log_variance_clipped: log beta_tilde with the t = 0 entry (which is 0)
                                replaced by beta_tilde[1], so the log stays finite
@@ -95,7 +73,8 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         self.sqrt_recip_alpha_bar = self.alpha_bar.rsqrt()
         self.sqrt_recipm1_alpha_bar = (1.0 / self.alpha_bar - 1.0).sqrt()
-        self.snr = self.alpha_bar / (1.0 - self.alpha_bar)  # signal-to-noise ratio of xt
+        self.snr = self.alpha_bar / (1.0 - self.alpha_bar)
+        self.sigma = self.sqrt_recipm1_alpha_bar  # the same numbers, named as a noise level
         # q(x_{t-1} | xt, x0) (Ho eq. 6-7).
         one_minus_ab = 1.0 - self.alpha_bar
         self.posterior_variance = betas * (1.0 - self.alpha_bar_prev) / one_minus_ab
@@ -203,6 +182,8 @@ class GaussianDiffusion:
         """
         t = self._as_t(t, xt)
         mean, var, _, _ = self.p_mean_variance(eps_pred, t, xt, clip)
+        if not bool((t != 0).any()):
+            return mean  # the last step: nothing to add, and no noise drawn
         if noise is None:
             noise = torch.randn_like(xt)
         nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (xt.dim() - 1)))
@@ -243,231 +224,22 @@ class GaussianDiffusion:
             eps = self.predict_eps(xt, t, x0_hat)
         sigma = eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).sqrt()
         x_prev = a_s.sqrt() * x0_hat + (1.0 - a_s - sigma**2).clamp(min=0.0).sqrt() * eps
-        if eta > 0:
+        if eta > 0 and bool((sigma > 0).any()):  # into x0 (t_prev = -1) sigma is 0: no noise drawn
             if noise is None:
                 noise = torch.randn_like(xt)
             x_prev = x_prev + sigma * noise
         return x_prev
 
-    # ------------------------------------------------------------------ samplers
-    def timesteps(
-        self,
-        steps: int | None = None,
-        spacing: str = "uniform",
-        rho: float = 7.0,
-        sigma_max: float = 80.0,
-        sigma_min: float | None = None,
-    ) -> torch.Tensor:
-        """The steps a sampler visits, long [steps], from T-1 down to t_min (0 by default).
+    def respace(self, ts: torch.Tensor) -> GaussianDiffusion:
+        """The same process seen only at the steps `ts` (long, any order): a GaussianDiffusion of
+        length S whose step i is the model's step sorted(ts)[i] (Nichol & Dhariwal 2021, section 4).
 
-        steps = None or T gives T-1, T-2, ..., 0; fewer give (steps = 1 gives just T-1):
-          'uniform': a rounded evenly spaced sub-sequence of T-1 .. t_min;
-          'karras':  evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5), where
-                     sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t):
-                       sigma_i = (sigma_max^(1/rho) + i / (S-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-                     each mapped to the first t with sigma_t >= sigma_i. The first step is
-                     still T-1 (x_T is pure noise); ties, where steps crowd at low noise, are
-                     pushed apart so the S steps stay distinct.
-        sigma_min: the noise level of the last step, t_min = the first t with sigma_t >= sigma_min
-        (default sigma_0, i.e. t_min = 0). The samplers return that step's x0 prediction, so a
-        larger sigma_min ends with one denoising jump from there and skips the model's lowest-noise
-        steps (which Min-SNR training weights least; README, "Choosing the steps").
+        Its betas, beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} (alpha_bar = 1 before the
+        first), keep alpha_bar_{t_i} at every kept step, so its posterior q(x_{t_{i-1}} | x_{t_i}, x0)
+        is the ancestral step between two visited steps. Visiting every t gives the process back.
         """
-        steps = self.T if steps is None else int(steps)
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be in 1..{self.T}, got {steps}")
-        if spacing not in ("uniform", "karras"):
-            raise ValueError(f"unknown spacing {spacing!r} (use 'uniform' or 'karras')")
-        sigma = self.sqrt_recipm1_alpha_bar  # increasing in t
-        t_min = 0 if sigma_min is None else int(torch.searchsorted(sigma, sigma.new_tensor([sigma_min])))
-        if not 0 <= t_min <= self.T - steps:
-            raise ValueError(f"sigma_min {sigma_min} leaves fewer than {steps} steps to visit")
-        if spacing == "uniform" or steps in (1, self.T):
-            return torch.floor(torch.linspace(self.T - 1, t_min, steps, dtype=torch.float64) + 0.5).long()
-        lo, hi = sigma[t_min].item() ** (1 / rho), min(sigma_max, sigma[-1].item()) ** (1 / rho)
-        sigma_i = torch.linspace(hi, lo, steps, dtype=torch.float64) ** rho
-        ts = torch.searchsorted(sigma, sigma_i).clamp(max=self.T - 1).tolist()
-        ts[0] = self.T - 1
-        for i in range(1, steps):  # strictly decreasing from the top ...
-            ts[i] = min(ts[i], ts[i - 1] - 1)
-        ts[-1] = t_min
-        for i in range(steps - 2, -1, -1):  # ... and ending at t_min (stays below T: steps <= T - t_min)
-            ts[i] = max(ts[i], ts[i + 1] + 1)
-        return torch.tensor(ts, dtype=torch.long)
-
-    def sampling_coefficients(
-        self, ts: torch.Tensor, sampler: str = "ddpm", eta: float = 0.0
-    ) -> torch.Tensor:
-        """Per-step coefficients (a, b, c, d, sigma, e), float64 [S, 6], for the visited steps `ts`.
-
-        Every sampler is, per step from t to the next visited s (s = -1 after the last):
-            x0_hat = a xt - b eps_pred           a = sqrt(1/a_t), b = sqrt(1/a_t - 1)   (eq. 4 inverted)
-            D      = clip(x0_hat) + e (clip(x0_hat) - x0_hat_prev)     (e = 0 but for dpm2m)
-            x_s    = c D + d xt + sigma z
-        with a_t = alpha_bar_t, a_s = alpha_bar_s (1 for s = -1), and
-          ddpm: the posterior q(x_s | xt, x0) of Ho eq. 6-7 for the respaced process whose
-                step s -> t has beta' = 1 - a_t / a_s (Nichol & Dhariwal 2021, section 4):
-                c = sqrt(a_s) beta' / (1 - a_t), d = sqrt(1 - beta') (1 - a_s) / (1 - a_t),
-                sigma^2 = (1 - a_s) / (1 - a_t) beta'  (for all T steps: exactly Ho eq. 7);
-          ddim: Song et al. 2021 eq. 12 with eps rewritten through x0_hat and xt,
-                k = sqrt(1 - a_s - sigma^2) / sqrt(1 - a_t), c = sqrt(a_s) - k sqrt(a_t), d = k,
-                sigma from eq. 16;
-          dpm2m: DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the DDIM
-                (eta = 0) step, which is its first-order case, applied to a linear extrapolation
-                D of the x0 predictions in lambda = log(sqrt(a) / sqrt(1 - a)): with
-                h_i = lambda_s - lambda_t and r = h_{i-1} / h_i, D = (1 + 1/(2r)) x0_hat_i -
-                1/(2r) x0_hat_{i-1}, so e = h_i / (2 h_{i-1}). e = 0 (first order) at the
-                first step (no history), at the last (lambda_s = inf; x_s = x0_hat) and at the
-                one into the last: lambda jumps there (into t = 0: 3.4 over the last of 10
-                steps against 0.7 before), and extrapolating over that jump overshoots (the
-                "lower order final" of Lu et al.). `eta` is ignored.
-        """
-        ts = ts.long().cpu()
-        ts_prev = torch.cat([ts[1:], ts.new_tensor([-1])])
-        a_t = self.alpha_bar[ts]
-        a_s = torch.where(ts_prev >= 0, self.alpha_bar[ts_prev.clamp(min=0)], torch.ones_like(a_t))
-        a = a_t.rsqrt()
-        b = (1.0 / a_t - 1.0).sqrt()
-        e = torch.zeros_like(a_t)
-        if sampler == "ddpm":
-            beta = 1.0 - a_t / a_s
-            c = a_s.sqrt() * beta / (1.0 - a_t)
-            d = (1.0 - beta).sqrt() * (1.0 - a_s) / (1.0 - a_t)
-            sigma = ((1.0 - a_s) / (1.0 - a_t) * beta).sqrt()
-        elif sampler == "ddim":
-            sigma = eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).sqrt()
-            k = (1.0 - a_s - sigma**2).clamp(min=0.0).sqrt() / (1.0 - a_t).sqrt()
-            c = a_s.sqrt() - k * a_t.sqrt()
-            d = k
-        elif sampler == "dpm2m":
-            sigma = torch.zeros_like(a_t)
-            d = ((1.0 - a_s) / (1.0 - a_t)).sqrt()
-            c = a_s.sqrt() - d * a_t.sqrt()
-            lam = 0.5 * torch.log(a_t / (1.0 - a_t))  # lambda at each visited t
-            lam_s = torch.cat([lam[1:], lam.new_tensor([float("inf")])])
-            h = lam_s - lam
-            e[1:-2] = h[1:-2] / (2.0 * h[:-3])
-        else:
-            raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm', 'ddim' or 'dpm2m')")
-        return torch.stack([a, b, c, d, sigma, e], dim=1)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        eps_model: EpsModel,
-        y: torch.Tensor | None,
-        shape: tuple[int, ...] | torch.Size | None = None,
-        sampler: str = "ddpm",
-        steps: int | None = None,
-        eta: float = 0.0,
-        guidance: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = True,
-        clip: bool = True,
-        null_label: int = 10,
-        guidance_interval: tuple[float, float] | None = None,
-        spacing: str = "uniform",
-        sigma_min: float | None = None,
-        return_trajectory: bool = False,
-        xT: torch.Tensor | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        """Generate x0 by running the reverse process from xT ~ N(0, I).
-
-        - sampler 'ddpm': ancestral sampling, Ho et al. 2020 Algorithm 2 (variance beta_tilde);
-          'ddim': Song et al. 2021 eq. 12 with sigma from eq. 16 (eta = 0: deterministic).
-        - steps: None = all T; fewer visit `timesteps(steps, spacing)` ('uniform': evenly
-          spaced indices; 'karras': denser at both ends, Karras et al. 2022), ending at t = 0,
-          or at the noise level sigma_min if given, whose x0 prediction is returned.
-        - y: labels long [B], or None for a fully unconditional model call (eps_model(x, t, None)).
-        - guidance w > 0: eps~ = (1 + w) eps(x, y) - w eps(x, null_label) (Ho & Salimans 2022,
-          eq. 6), both passes in one eps_model call of batch 2B.
-        - guidance_interval (lo, hi): guide only the steps whose noise level
-          sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in (lo, hi], and take the plain
-          conditional eps elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited
-          interval"): guidance at high noise costs diversity, at low noise it does little, and
-          every unguided step is one pass of batch B instead of 2B.
-        - clip: clip each x0_hat to [-1, 1] (and the result); then x0 is in [-1, 1].
-        - generator: drives xT and every step's noise (reproducible samples); a CPU generator
-          also works for a CUDA sample (noise drawn on the CPU, then copied).
-        - xT: start from this noise instead of drawing it; shape, device, dtype default to it.
-        - shape defaults to [len(y), 1, 28, 28]; device to y's (else CPU); dtype to float32.
-        - return_trajectory: also return [(t, xt), ...], the input of each step (t from T-1
-          down) and finally (-1, x0); it keeps S + 1 copies of the batch in memory.
-
-        Returns x0 float [B, ...] (and the trajectory if asked).
-        """
-        if device is None:
-            device = xT.device if xT is not None else (y.device if torch.is_tensor(y) else "cpu")
-        device = torch.device(device)
-        if dtype is None:
-            dtype = xT.dtype if xT is not None else torch.float32
-        if y is not None:
-            y = torch.as_tensor(y, dtype=torch.long, device=device)
-        if shape is None:
-            if xT is not None:
-                shape = xT.shape
-            elif y is not None:
-                shape = (len(y), 1, 28, 28)
-            else:
-                raise ValueError("sample: give `shape` (or `y` or `xT`) to know how many images to draw")
-        shape = tuple(shape)
-        if y is not None and len(y) != shape[0]:
-            raise ValueError(f"sample: {len(y)} labels for a batch of {shape[0]}")
-
-        ts = self.timesteps(steps, spacing, sigma_min=sigma_min)
-        coefs = self.sampling_coefficients(ts, sampler, eta).tolist()  # python floats: no per-step casts
-        if xT is not None:
-            x = xT.to(device=device, dtype=dtype)
-        else:
-            x = randn(shape, generator, device, dtype)
-
-        guided = guidance != 0 and y is not None
-        if guided and guidance_interval is not None:
-            sigma_t = self.sqrt_recipm1_alpha_bar[ts]
-            guide_at = ((sigma_t > guidance_interval[0]) & (sigma_t <= guidance_interval[1])).tolist()
-        else:
-            guide_at = [guided] * len(ts)
-        n_in = 2 * shape[0] if guided else shape[0]
-        t_in = ts.to(device).view(-1, 1).repeat(1, n_in)  # [S, n_in]: row i is the model's t at step i
-        y_in = torch.cat([y, torch.full_like(y, null_label)]) if guided else y
-        w = float(guidance)
-        noise = torch.empty(shape, device=device, dtype=dtype)
-        noise_here = generator is None or generator.device.type == device.type
-        trajectory: list[tuple[int, torch.Tensor]] = []
-        x0_prev = x  # dpm2m's previous x0_hat (unused at its first step, where e = 0)
-
-        for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", disable=not progress, leave=False):
-            a, b, c, d, sigma, e = coefs[i]
-            if guide_at[i]:
-                e_cond, e_uncond = eps_model(torch.cat([x, x]), t_in[i], y_in).chunk(2)
-                eps = torch.lerp(e_uncond, e_cond, 1.0 + w)
-            else:
-                eps = eps_model(x, t_in[i, : shape[0]], y)
-            if return_trajectory:
-                trajectory.append((int(ts[i]), x))
-            x0_hat = torch.add(x * a, eps, alpha=-b)
-            if clip:
-                x0_hat.clamp_(-1.0, 1.0)
-            if sampler == "dpm2m":  # second order: extrapolate from the previous step's x0_hat
-                d_hat = torch.lerp(x0_prev, x0_hat, 1.0 + e) if e else x0_hat.clone()
-                x0_prev, x0_hat = x0_hat, d_hat
-            x_next = x0_hat.mul_(c).add_(x, alpha=d)  # x0_hat's buffer is fresh: reuse it
-            if sigma > 0:
-                if noise_here:
-                    noise.normal_(generator=generator)
-                else:
-                    noise.copy_(randn(shape, generator, device, dtype))
-                x_next.add_(noise, alpha=sigma)
-            x = x_next
-
-        if clip:
-            x = x.clamp(-1.0, 1.0)
-        if return_trajectory:
-            trajectory.append((-1, x))
-            return x, trajectory
-        return x
+        a = self.alpha_bar[torch.as_tensor(ts).long().sort().values.cpu()]
+        return GaussianDiffusion(1.0 - a / torch.cat([a.new_ones(1), a[:-1]]))
 
     # -------------------------------------------------------------- objectives
     def loss(
@@ -479,28 +251,41 @@ class GaussianDiffusion:
         reduction: str = "mean",
         snr_gamma: float | None = None,
     ) -> torch.Tensor:
-        """L_simple (Ho et al. 2020, eq. 14: eq. 12 without its weights), averaged over pixels:
+        """The training objective at random t and eps (Ho et al. 2020, Algorithm 1, lines 3-5):
 
-            E_{t, x0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+            t ~ Uniform{0..T-1},  eps ~ N(0, I),  xt = q_sample(x0, t, eps),  `eps_loss`.
 
-        t is uniform over all T steps 0..T-1. With `snr_gamma` > 0 each example's term is weighted
-        by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (the "Min-SNR"
-        weighting of Hang et al. 2023, eq. 9, written for eps-prediction): the nearly clean
-        steps, whose eps is hard to predict and matters little for samples, count less.
-        reduction 'mean' gives the scalar batch mean, 'none' the per-example values [B].
+        x0 [B, C, H, W] in [-1, 1]; reduction 'mean' gives the scalar batch mean, 'none' the
+        per-example values [B]. `ddpm.train.train_step` writes the same lines out.
         """
         B = x0.shape[0]
         g_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.T, (B,), generator=generator, device=g_device).to(x0.device)
         eps = randn(x0.shape, generator, x0.device, x0.dtype)
-        per_example = mean_flat((eps - eps_model(self.q_sample(x0, t, eps), t, y)) ** 2)
-        if snr_gamma:  # None or 0: unweighted (a weight of min(SNR, 0) would zero every term)
-            per_example = per_example * self.min_snr_weight(t, snr_gamma).to(per_example.dtype)
+        per_example = self.eps_loss(eps_model(self.q_sample(x0, t, eps), t, y), eps, t, snr_gamma)
         if reduction == "mean":
             return per_example.mean()
         if reduction == "none":
             return per_example
         raise ValueError(f"unknown reduction {reduction!r} (use 'mean' or 'none')")
+
+    def eps_loss(
+        self, eps_pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, snr_gamma: float | None = None
+    ) -> torch.Tensor:
+        """Per-example weighted noise-prediction error, averaged over pixels: [B, ...] -> [B]
+
+            w_t || eps - eps_theta(xt, t) ||^2 / d,   w_t = min(SNR_t, gamma) / SNR_t
+
+        Without `snr_gamma` (None or 0) w_t = 1: L_simple, Ho et al. 2020 eq. 14 (eq. 12 without its
+        weights). With it, the Min-SNR weighting of Hang et al. 2023 (eq. 9, written for
+        eps-prediction), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the nearly clean steps, whose eps
+        is hard to predict and matters little for samples, count less. The project trains with
+        gamma = 5.
+        """
+        per_example = mean_flat((eps - eps_pred) ** 2)
+        if snr_gamma:  # None or 0: unweighted (a weight of min(SNR, 0) would zero every term)
+            per_example = per_example * self.min_snr_weight(t, snr_gamma).to(per_example.dtype)
+        return per_example
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """min(SNR_t, gamma) / SNR_t per example [B] (Hang et al. 2023); 1 where SNR_t <= gamma."""

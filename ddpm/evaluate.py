@@ -3,11 +3,11 @@
 Writes <run>/metrics.json (and prints it), <run>/samples.npz (the best setting's samples),
 <run>/sweep/<setting>.npz (every setting's samples) and <run>/frontier.png:
 - the sweep: classifier-free guidance w in --guidance x samplers in --samplers (DDPM
-  ancestral with all T steps, DDIM with 50, 20, 10 steps); per setting N samples, N/10 per
-  digit (the full-length DDPM sampler gets --n-ddpm, fewer, as it costs T network passes),
-  scored by the judge (common.metrics.score): MNIST-FD with its floor at the same N,
-  conditional accuracy, precision and recall (also per digit), memorisation distances; and
-  the wall time to draw 100 digits (median over the batches of 100);
+  ancestral with all T steps, DDIM with 50, 20, 10 steps), the other sampler flags shared by
+  every setting; per setting N samples, N/10 per digit (the full-length DDPM sampler gets
+  --n-ddpm, fewer, as it costs T network passes), scored by the judge (common.score): MNIST-FD
+  with its floor at the same N, conditional accuracy, precision and recall (also per digit),
+  memorisation distances; and the wall time to draw 100 digits (median over the batches of 100);
 - the best setting, by the rule in BEST_RULE, and the guidance frontier (FD against accuracy);
 - the variational bound -log p(x0 | y) <= L_T + sum L_{t-1} + L_0 (Ho et al. 2020, eq. 5) in
   bits per dimension on the first --vlb-n test images, split into prior, KL terms, decoder;
@@ -20,37 +20,38 @@ DDPM-1000 samples): restrict it with --guidance, --samplers, --n and --n-ddpm.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.checkpoint import write_json
-from common.cli import (
-    ArgumentParser,
-    UserError,
-    nonneg_float,
-    nonneg_int,
-    positive_int,
-    unit_float,
-    user_errors,
-)
-from common.compare import plot_frontier
+from common.cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, user_errors
+from common.config import add_flags, from_args
 from common.data import load_mnist, to_signed
-from common.metrics import judge_summary, load_judge, score
+from common.figures import plot_frontier
+from common.judge import judge_summary, load_judge
+from common.metrics import GOAL
 from common.runtime import count_params, pick_device
 from common.samples import save_samples
-from ddpm.sample import add_sampler_flags, check_sigma_min, generate, load_model, requested_labels
+from common.score import score
+from ddpm.config import load_model
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.sample import generate, requested_labels, spec_for
+from ddpm.samplers import SamplerSpec
+from ddpm.unet import UNet
 
-GOAL_ACCURACY, GOAL_FD_RATIO = 0.99, 1.5
 BEST_RULE = (
-    f"fewest steps among settings with accuracy >= {GOAL_ACCURACY:.0%} and "
-    f"MNIST-FD <= {GOAL_FD_RATIO}x floor (ties: lowest FD); if none, lowest FD among settings "
-    "with accuracy >= 99 %; if none, highest accuracy"
+    f"fewest steps among settings that meet the goal ({GOAL}; ties: lowest FD); if none, lowest "
+    f"FD among settings with accuracy >= {GOAL.accuracy:.0%}; if none, highest accuracy"
 )
+# The settings' shared flags: plain ones unless asked (each sampler's own steps, to t = 0, unguided).
+PLAIN = SamplerSpec("ddim", 50, "uniform", sigma_min=None, guidance=0.0, guidance_interval=None)
 
 
 def guidance_list(text: str) -> list[float]:
@@ -79,6 +80,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--run", default="results/ddpm", help="run directory of ddpm.train")
     p.add_argument(
         "--guidance",
+        dest="guidances",
         type=guidance_list,
         default=guidance_list("0,0.5,1,2,3"),
         help="classifier-free guidance weights w, comma-separated",
@@ -98,8 +100,7 @@ def build_parser() -> ArgumentParser:
         help="samples per setting for the ancestral sampler with all T steps",
     )
     p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
-    p.add_argument("--eta", type=unit_float, default=0.0, help="DDIM noise (0: deterministic)")
-    add_sampler_flags(p, interval=None, spacing="uniform", sigma_min=None)  # plain settings unless asked
+    add_flags(p, SamplerSpec, defaults=PLAIN, exclude=("sampler", "steps", "guidance"))
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -171,13 +172,56 @@ def pick_best(settings: list[dict[str, Any]]) -> str:
         r = s["metrics"].get("fd_ratio")
         return float("inf") if r is None else r
 
-    goal = [s for s in settings if acc(s) >= GOAL_ACCURACY and ratio(s) <= GOAL_FD_RATIO]
+    goal = [s for s in settings if GOAL.met(s["metrics"], s["steps"])]
     if goal:
         return min(goal, key=lambda s: (s["steps"], ratio(s)))["name"]
-    accurate = [s for s in settings if acc(s) >= GOAL_ACCURACY]
+    accurate = [s for s in settings if acc(s) >= GOAL.accuracy]
     if accurate:
         return min(accurate, key=ratio)["name"]
     return max(settings, key=lambda s: (acc(s), -ratio(s), -s["steps"]))["name"]
+
+
+def sweep(a: argparse.Namespace, diffusion: GaussianDiffusion) -> list[SamplerSpec]:
+    """The settings to measure: --samplers x --guidance, the other sampler flags shared, each fitted
+    to the model (all T steps: to t = 0, unspaced), without repeats."""
+    specs: list[SamplerSpec] = []
+    for sampler, steps in a.samplers:
+        for w in a.guidances:
+            asked = from_args(SamplerSpec, a, sampler=sampler, steps=steps or diffusion.T, guidance=w)
+            spec = spec_for(asked, diffusion)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def measure(
+    model: UNet, diffusion: GaussianDiffusion, spec: SamplerSpec, n: int, a: argparse.Namespace, judge: Any
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Draw n samples (n/10 per digit, in batches of --batch-size) with `spec`, time and score them.
+    Returns (the setting's metrics.json entry, images, labels)."""
+    y = requested_labels(n, None, None)
+    batches, times = [], []
+    for b, yb in enumerate(y.split(a.batch_size)):
+        t0 = time.perf_counter()
+        batches.append(generate(model, diffusion, spec, yb, a.seed * 100_003 + b, a.batch_size))
+        times.append((time.perf_counter() - t0) * 100 / len(yb))
+    images = torch.cat(batches)
+    setting = {
+        "name": spec.name,
+        "label": spec.label,
+        "method": spec.method,
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "passes": spec.passes(diffusion),
+        "spec": asdict(spec),
+        "n": n,
+        "seconds_per_100": sorted(times)[len(times) // 2],
+        "seconds_total": sum(t * len(yb) / 100 for t, yb in zip(times, y.split(a.batch_size), strict=True)),
+        "batch_size": a.batch_size,
+        "samples_file": f"sweep/{spec.name}.npz",
+        "metrics": score(images, y, judge),
+    }
+    return setting, images, y
 
 
 @user_errors
@@ -188,113 +232,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--run {run} is not a run directory")
     device = pick_device(a.device)
     model, diffusion, ckpt = load_model(run, device, use_ema=not a.raw_weights)
-    T = diffusion.T
-    grid = []
-    for sampler, steps in a.samplers:
-        steps = T if steps is None else steps
-        if steps > T:
-            raise UserError(f"--samplers {sampler}{steps}: more steps than the model's T = {T}")
-        # All T steps: nothing to space, and no step to skip.
-        spacing, sigma_min = (a.spacing, a.sigma_min) if steps < T else ("all", None)
-        check_sigma_min(diffusion, steps, a.spacing, sigma_min)
-        for w in a.guidance:
-            name = f"{sampler}{steps}_w{w:g}" + ("_karras" if spacing == "karras" else "")
-            name += f"_smin{sigma_min:g}" if sigma_min else ""
-            if name not in {g[0] for g in grid}:
-                grid.append((name, sampler, steps, w, spacing, sigma_min))
+    specs = sweep(a, diffusion)
     judge = load_judge(a.classifier, a.data_dir)
     started = time.perf_counter()
-
-    likelihood = None
-    if a.vlb_n:
-        x_test, y_test = load_mnist(train=False, data_dir=a.data_dir)
-        n = min(a.vlb_n, len(x_test))
-        t0 = time.perf_counter()
-        likelihood = variational_bound(model, diffusion, to_signed(x_test[:n]), y_test[:n], a.seed)
-        likelihood.update(
-            test_n=n,
-            subset=f"the first {n} MNIST test images",
-            bound="VLB",
-            of="-log p(x0 | y) (true labels, no guidance)",
-            T=T,
-            seconds=time.perf_counter() - t0,
-            note="one-sample estimate of each KL term; discretized Gaussian decoder over 256 levels",
-        )
-        print(
-            f"VLB {likelihood['bits_per_dim']:.4f} bits/dim on {n} test images "
-            f"({likelihood['seconds']:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+    likelihood = likelihood_bound(model, diffusion, a) if a.vlb_n else None
 
     settings: list[dict[str, Any]] = []
     images_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     (run / "sweep").mkdir(exist_ok=True)
-    for i, (name, sampler, steps, w, spacing, sigma_min) in enumerate(grid):
-        n = a.n_ddpm if sampler == "ddpm" and steps == T else a.n
-        y = requested_labels(n, None, None)
-        batches, times = [], []
-        for b, yb in enumerate(y.split(a.batch_size)):
-            t0 = time.perf_counter()
-            batches.append(
-                generate(
-                    model,
-                    diffusion,
-                    yb,
-                    sampler,
-                    steps,
-                    a.eta,
-                    w,
-                    a.seed * 100_003 + b,
-                    batch_size=a.batch_size,
-                    progress=False,
-                    guidance_interval=a.guidance_interval,
-                    spacing=a.spacing,
-                    sigma_min=sigma_min,
-                )
-            )
-            times.append((time.perf_counter() - t0) * 100 / len(yb))
-        images = torch.cat(batches)
-        save_samples(run / "sweep" / f"{name}.npz", images, y)
-        images_of[name] = (images, y)
-        s = {
-            "name": name,
-            "sampler": sampler,
-            "steps": steps,
-            "guidance": w,
-            "guidance_interval": list(a.guidance_interval) if a.guidance_interval and w else None,
-            "spacing": spacing,
-            "sigma_min": sigma_min,
-            "eta": a.eta if sampler == "ddim" else None,
-            "n": n,
-            "seconds_per_100": sorted(times)[len(times) // 2],
-            "seconds_total": sum(t * a.batch_size / 100 for t in times),
-            "batch_size": a.batch_size,
-            "samples_file": f"sweep/{name}.npz",
-            "metrics": score(images, y, judge),
-        }
-        settings.append(s)
-        m = s["metrics"]
+    for i, spec in enumerate(specs):
+        n = a.n_ddpm if spec.sampler == "ddpm" and spec.steps == diffusion.T else a.n
+        setting, images, y = measure(model, diffusion, spec, n, a, judge)
+        save_samples(run / setting["samples_file"], images, y)
+        settings.append(setting)
+        images_of[spec.name] = (images, y)
+        m = setting["metrics"]
         print(
-            f"[{i + 1}/{len(grid)}] {name}: N {n}, FD {m['fd']:.2f} "
-            f"({m['fd_ratio'] or float('nan'):.2f}x floor), accuracy {m['accuracy'] or float('nan'):.4f}, "
-            f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
-            f"{s['seconds_per_100']:.2f} s / 100 digits",
+            f"[{i + 1}/{len(specs)}] {spec.name}: N {n}, FD {m['fd']:.2f} ({m['fd_ratio'] or math.nan:.2f}x "
+            f"floor), accuracy {m['accuracy'] or math.nan:.4f}, precision {m['precision']:.3f}, recall "
+            f"{m['recall']:.3f}, {setting['seconds_per_100']:.2f} s / 100 digits",
             file=sys.stderr,
             flush=True,
         )
 
-    best = pick_best(settings)
-    best_setting = next(s for s in settings if s["name"] == best)
-    save_samples(run / "samples.npz", *images_of[best])
-    plot_frontier(settings, run / "frontier.png", title=f"{run.name}: guidance frontier")
-    goal_met = [
-        s["name"]
-        for s in settings
-        if s["steps"] <= 20
-        and (s["metrics"]["accuracy"] or 0) >= GOAL_ACCURACY
-        and (s["metrics"]["fd_ratio"] or float("inf")) <= GOAL_FD_RATIO
-    ]
+    best = next(s for s in settings if s["name"] == pick_best(settings))
+    save_samples(run / "samples.npz", *images_of[best["name"]])
+    plot_frontier(settings, run / "frontier.png", GOAL, title=f"{run.name}: guidance frontier")
     metrics = {
         "model": "ddpm",
         "run": str(run),
@@ -302,25 +265,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "conditional": True,
         "weights": "raw" if a.raw_weights else "ema",
         "params": count_params(model),
-        "T": T,
+        "T": diffusion.T,
         "train": training_summary(ckpt),
         "likelihood": likelihood,
-        "best": best,
+        "best": best["name"],
         "best_rule": BEST_RULE,
-        "goal": f"<= 20 steps, accuracy >= {GOAL_ACCURACY:.0%}, MNIST-FD <= {GOAL_FD_RATIO}x floor",
-        "goal_met_by": goal_met,
+        "goal": str(GOAL),
+        "goal_met_by": [s["name"] for s in settings if GOAL.met(s["metrics"], s["steps"])],
         "sampling": {
-            "method": f"{best_setting['sampler'].upper()} {best_setting['steps']} steps "
-            f"({best_setting['spacing']}), guidance w = "
-            f"{best_setting['guidance']:g}",
-            "steps": best_setting["steps"],
-            "seconds_per_100": best_setting["seconds_per_100"],
-            "n": best_setting["n"],
+            "method": best["label"],
+            "steps": best["steps"],
+            "seconds_per_100": best["seconds_per_100"],
+            "n": best["n"],
             "device": str(device),
             "threads": torch.get_num_threads(),
         },
         "samples_file": "samples.npz",
-        "samples": best_setting["metrics"],
+        "samples": best["metrics"],
         "settings": settings,
         "judge": judge_summary(judge),
         "curve": {"x": "step", "y": ["loss"], "ylabel": "training loss", "logy": True},
@@ -329,6 +290,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(run / "metrics.json", metrics)
     print((run / "metrics.json").read_text())
     return metrics
+
+
+def likelihood_bound(model: UNet, diffusion: GaussianDiffusion, a: argparse.Namespace) -> dict[str, Any]:
+    """`variational_bound` on the first --vlb-n test images, with what metrics.json says of it."""
+    x_test, y_test = load_mnist(train=False, data_dir=a.data_dir)
+    n = min(a.vlb_n, len(x_test))
+    t0 = time.perf_counter()
+    likelihood = variational_bound(model, diffusion, to_signed(x_test[:n]), y_test[:n], a.seed)
+    likelihood.update(
+        test_n=n,
+        subset=f"the first {n} MNIST test images",
+        bound="VLB",
+        of="-log p(x0 | y) (true labels, no guidance)",
+        T=diffusion.T,
+        seconds=time.perf_counter() - t0,
+        note="one-sample estimate of each KL term; discretized Gaussian decoder over 256 levels",
+    )
+    print(
+        f"VLB {likelihood['bits_per_dim']:.4f} bits/dim on {n} test images ({likelihood['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return likelihood
 
 
 if __name__ == "__main__":

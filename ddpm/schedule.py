@@ -46,10 +46,11 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
+SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+
+
 def make_betas(schedule: str, T: int = 1000) -> torch.Tensor:
-    """A schedule by name: 'cosine' or 'linear' (for configs and command lines)."""
-    if schedule == "cosine":
-        return cosine_betas(T)
-    if schedule == "linear":
-        return linear_betas(T)
-    raise ValueError(f"unknown noise schedule {schedule!r} (use 'cosine' or 'linear')")
+    """A schedule by its name in SCHEDULES ('cosine' or 'linear'), as configs record it."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r} (use {' or '.join(map(repr, SCHEDULES))})")
+    return SCHEDULES[schedule](T)

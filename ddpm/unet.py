@@ -19,24 +19,42 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import nn
 
+from common.cli import int_tuple, nonneg_int, positive_int, unit_float
+from common.config import from_dict, option
 from ddpm.embeddings import ConditionEmbedding
 
 
-@dataclass
+@dataclass(frozen=True)
 class UNetConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    # Defaults chosen by measurement on 2 CPU cores (README, "Choosing the UNet"): 16/48/96
+    """The UNet's shape; every field is a flag of `ddpm.train` (group "UNetConfig")."""
+
+    # Defaults chosen by measurement on 2 CPU cores (docs/experiments.md, "The UNet"): 16/48/96
     # channels at 28/14/7, no blocks at 28x28, 0.17 GFLOP and 1.2M parameters per image.
-    base_channels: int = 16
-    channel_mult: tuple[int, ...] = (1, 3, 6)  # channels per level: base * mult
-    blocks_per_level: tuple[int, ...] = (0, 1, 1)  # residual blocks on the way down, per level
-    mid_blocks: int = 1  # residual blocks at the bottom (7x7), between down and up paths
-    attention_levels: tuple[int, ...] = (2,)  # level indices with self-attention (2 = 7x7)
-    num_heads: int = 4
-    dropout: float = 0.0  # short CPU runs see each image only a few times: no need to regularise
-    adaptive_norm: bool = True  # AdaGN: the embedding scales and shifts the 2nd norm (else: adds)
-    num_classes: int = 10  # the null label is num_classes
+    base_channels: int = option(16, "channels at 28x28; level i has base x channel_mult[i]", positive_int)
+    channel_mult: tuple[int, ...] = option((1, 3, 6), "channels per level over the base, e.g. 1,4,8",
+                                           int_tuple)  # fmt: skip
+    blocks_per_level: tuple[int, ...] = option(
+        (0, 1, 1), "residual blocks on the way down, per level (one more on the way up)", int_tuple
+    )
+    mid_blocks: int = option(1, "residual blocks at the bottom (7x7), between down and up paths", nonneg_int)
+    attention_levels: tuple[int, ...] = option(
+        (2,), "level indices with self-attention (2 = 7x7; empty: none)", int_tuple
+    )
+    num_heads: int = option(4, "attention heads", positive_int)
+    # Short CPU runs see each image only a few times: no need to regularise by default.
+    dropout: float = option(0.0, "dropout before each block's second convolution", unit_float)
+    adaptive_norm: bool = option(
+        True, "AdaGN: (t, y) scale and shift each block's second norm instead of adding to it"
+    )
+    image_size: int = option(28, "image side", cli=False)
+    in_channels: int = option(1, "image channels", cli=False)
+    num_classes: int = option(10, "digit classes; the null label is num_classes", cli=False)
+
+    def __post_init__(self) -> None:
+        if len(self.channel_mult) != len(self.blocks_per_level):
+            raise ValueError("--channel-mult and --blocks-per-level need one value per level")
+        if any(not 0 <= i < len(self.channel_mult) for i in self.attention_levels):
+            raise ValueError(f"--attention-levels must name levels 0..{len(self.channel_mult) - 1}")
 
     @property
     def emb_dim(self) -> int:
@@ -45,10 +63,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        """The config saved in a checkpoint (JSON lists back to tuples). Runs from before
-        `adaptive_norm` existed were trained without it."""
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**{"adaptive_norm": False, **d})
+        """The config saved in a checkpoint. Runs from before `adaptive_norm` existed were trained
+        without it."""
+        return from_dict(cls, d, missing={"adaptive_norm": False})
 
 
 class GroupNorm(nn.GroupNorm):
@@ -165,7 +182,6 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         cfg = self.config = config or UNetConfig()
-        assert len(cfg.channel_mult) == len(cfg.blocks_per_level)
         base = cfg.base_channels
         self.embed = ConditionEmbedding(base, cfg.emb_dim, cfg.num_classes)
         self.stem = nn.Conv2d(cfg.in_channels, base, 3, padding=1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_mnist import write_fake_mnist
 
 from common import data
 from common.cli import UserError, user_errors
@@ -20,7 +21,6 @@ from common.data import (
     to_signed,
     to_unit,
     unit_to_uint8,
-    write_fake_mnist,
     write_idx,
 )
 

@@ -1,6 +1,7 @@
 """Behaviour of `ddpm.train` and `ddpm.sample` on a tiny synthetic MNIST."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_mnist import write_fake_mnist
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.data import write_fake_mnist
 from common.runtime import count_params
+from common.training import lr_factor
 from ddpm import bench as ddpm_bench
 from ddpm import sample as ddpm_sample
 from ddpm import train as ddpm_train
+from ddpm.config import DDPMConfig, load_model
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.samplers import SamplerSpec
 from ddpm.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +93,23 @@ def test_resume_gives_identical_weights(tmp_path, data_dir):
     assert steps == sorted(set(steps))  # resuming does not duplicate rows
 
 
+def test_resume_with_dropout_is_exact(tmp_path, data_dir):
+    # Dropout draws from the global RNG in training; the sample grids (at each epoch's end, after
+    # the checkpoint, and every 3 steps) run in eval mode from their own generator, so they must
+    # not move it: a resumed run continues exactly.
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    flags = ["--epochs", "2", "--dropout", "0.1", "--sample-every", "3"]
+    train(straight, data_dir, *flags)
+    train(split, data_dir, *flags, "--max-steps", "8")
+    train(split, data_dir, *flags, "--resume")
+    a, b = load_checkpoint(straight, "ddpm"), load_checkpoint(split, "ddpm")
+    assert a["step"] == b["step"] == 16
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
 def test_lr_schedule_shortens_to_what_the_budget_allows():
-    f = ddpm_train.lr_factor
+    f = lr_factor
     assert f(0, 10, 110) == pytest.approx(0.1) and f(9, 10, 110) == pytest.approx(1.0)
     assert f(10, 10, 110) == pytest.approx(1.0)  # no time used: the step schedule
     assert f(60, 10, 110) == pytest.approx(0.5)  # half the post-warm-up steps
@@ -113,7 +132,7 @@ def test_minutes_budget_anneals_the_lr_and_ends_on_a_checkpoint(tmp_path, data_d
     assert 0 < ckpt["step"] < 8000 and ckpt["seconds"] >= 12.0
     assert (out / "samples" / f"step_{ckpt['step']:06d}.png").is_file()  # the final model's grid
     lrs = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
-    peak = ddpm_train.TrainConfig.lr
+    peak = DDPMConfig.lr
     # By steps alone the lr would still be ~peak (a few dozen of 8000 steps); by time it decays.
     assert lrs[-1] < 0.5 * peak
     assert lrs[-1] < lrs[len(lrs) // 2] < lrs[1]  # warm-up ended at row 2 (index 1)
@@ -134,7 +153,7 @@ def test_resume_with_another_unet_is_refused(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit) as e:
         train(out, data_dir, "--epochs", "2", "--resume", "--no-adaptive-norm")
     assert e.value.code == 2
-    assert "another UNet" in capsys.readouterr().err
+    assert "--adaptive-norm" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
@@ -151,7 +170,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
     out = tmp_path / "nan"
     train(out, data_dir, "--epochs", "1")
     before = (out / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: torch.tensor(float("nan")))
+    nan_loss = lambda self, eps_pred, *a: eps_pred.mean((1, 2, 3)) * math.nan  # noqa: E731
+    monkeypatch.setattr(GaussianDiffusion, "eps_loss", nan_loss)
     with pytest.raises(SystemExit) as e:
         train(out, data_dir, "--epochs", "2", "--resume")
     assert e.value.code == 2
@@ -217,7 +237,7 @@ def test_sample_is_reproducible_and_uses_the_ema(run, tmp_path):
     # even spacing visits other steps than the default Karras spacing, from the same noise
     sample(run, "--n", "10", "--steps", "5", "--spacing", "uniform", "--out", str(tmp_path / "d.npz"))
     assert not np.array_equal(np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "d.npz")["images"])
-    model, _, ckpt = ddpm_sample.load_model(run, torch.device("cpu"))
+    model, _, ckpt = load_model(run, torch.device("cpu"))
     for name, value in model.state_dict().items():  # checkpoint round trip: the EMA weights
         assert torch.equal(value, ckpt["ema"][name])
 
@@ -280,4 +300,4 @@ def test_bench_prints_one_json_line_for_the_default_unet(capsys):
     assert r["params"] == count_params(UNet(UNetConfig())) and r["batch"] == 8
     assert 0.05 < r["gflop_per_image"] < 1.0  # the default UNet costs 0.17 GFLOP per image
     assert r["train_img_per_s"] > 0 and r["sample_ms_per_step"] > 0 and r["sample_100_digits_s"] > 0
-    assert ddpm_sample.DEFAULT_SPACING in r["sample_setting"]
+    assert r["sample_setting"] == SamplerSpec().label and r["sample_passes"] == 14  # 10 steps, 4 guided

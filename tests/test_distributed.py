@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fake_mnist import write_fake_mnist
 
 from common.checkpoint import load_checkpoint, read_csv
-from common.data import write_fake_mnist
 from ddpm import train as ddpm_train
+from ddpm.config import DDPMConfig
 from vaegen import train as vae_train
 
 TINY = ["--base-channels", "8", "--channel-mult", "1,2,2", "--blocks-per-level", "0,1,1",
@@ -93,7 +94,7 @@ def test_a_binding_budget_gives_both_ranks_the_same_lr_and_last_step(tmp_path):
     assert_ranks_hold_identical_weights(root, "")
     assert 0 < load_checkpoint(out, "ddpm")["step"] < 1000 * 8
     lrs = [float(r["lr"]) for r in read_csv(out / "loss.csv")]
-    assert lrs[-1] < 0.5 * ddpm_train.TrainConfig.lr  # annealed by the budget, not by the steps
+    assert lrs[-1] < 0.5 * DDPMConfig.lr  # annealed by the budget, not by the steps
 
 
 def test_run_dir_is_written_once_by_rank_zero(two_rank_run):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_mnist import write_fake_mnist
 
-from common import compare, metrics
-from common.data import write_fake_mnist
-from common.metrics import JudgeConfig
+from common import compare
+from common.figures import frontier_curves
+from common.judge import JudgeConfig, train_classifier
 from ddpm import evaluate as ddpm_evaluate
 from ddpm import train as ddpm_train
 from vaegen import evaluate as vae_evaluate
@@ -44,7 +45,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("judge")
-    metrics.train_classifier(out, data_dir, TINY_JUDGE, log=lambda *a, **k: None)
+    train_classifier(out, data_dir, TINY_JUDGE, log=lambda *a, **k: None)
     return str(out)
 
 
@@ -134,7 +135,10 @@ def test_sigma_min_ends_the_short_samplers_but_not_the_full_length_one(runs, jud
          "--classifier", str(judge_dir), "--data-dir", data_dir]
     )  # fmt: skip
     settings = read(run)["settings"]
-    assert [(s["name"], s["sigma_min"]) for s in settings] == [("ddpm50_w0", None), ("ddim5_w0_smin0.3", 0.3)]
+    assert [(s["name"], s["spec"]["sigma_min"]) for s in settings] == [
+        ("ddpm50_w0", None),
+        ("ddim5_w0_smin0.3", 0.3),
+    ]
 
 
 def test_every_metrics_key_is_in_the_readme(runs):
@@ -169,7 +173,8 @@ def test_compare_writes_report_and_figures(runs, data_dir, judge_dir, tmp_path):
         assert (out / name).is_file(), name
         assert f"]({name})" in report, name
     assert "| MNIST-FD | floor |" in report
-    for setting in ("DDPM 50, w=0", "DDPM 50, w=2", "DDIM 5, w=0", "DDIM 5, w=2", "decoder (1 pass)"):
+    labels = [f"{name}, {n} steps, w = {w}" for name, n in (("DDPM", 50), ("DDIM", 5)) for w in (0, 2)]
+    for setting in (*labels, "decoder (1 pass)"):
         assert setting in report, setting
     assert "## Likelihood bounds" in report and "VLB" in report and "IWAE" in report
 
@@ -215,27 +220,14 @@ def test_common_never_imports_a_model_package():
             assert not any(n.split(".")[0] in ("vaegen", "ddpm") for n in names), path
 
 
-def test_sampler_labels_tell_spacing_and_guidance_interval_apart():
-    plain = {"sampler": "dpm2m", "steps": 10, "spacing": "uniform", "guidance_interval": None}
-    karras = {**plain, "spacing": "karras"}
-    interval = {**karras, "guidance_interval": [0.28, 5.42]}
-    early_end = {**interval, "sigma_min": 0.1}
-    labels = [compare.sampler_label(s) for s in (plain, karras, interval, early_end)]
-    assert labels == [
-        "DPM2M 10",
-        "DPM2M karras 10",
-        "DPM2M karras 10 guided in sigma (0.28, 5.42]",
-        "DPM2M karras 10 to sigma 0.1 guided in sigma (0.28, 5.42]",
-    ]
-
-
 def test_frontier_never_joins_two_models_in_one_curve():
     def setting(w, fd, run=None):
-        s = {"sampler": "dpm2m", "steps": 10, "guidance": w, "metrics": {"accuracy": 0.99, "fd_ratio": fd}}
+        scores = {"accuracy": 0.99, "fd_ratio": fd}
+        s = {"method": "DPM-Solver++(2M)", "steps": 10, "guidance": w, "metrics": scores}
         return {**s, "run": run} if run else s
 
-    one_model = compare.frontier_curves([setting(1, 2.0), setting(0.5, 1.5)])
-    assert list(one_model) == ["DPM2M 10"]
-    assert [s["guidance"] for s in one_model["DPM2M 10"]] == [0.5, 1]  # sorted by w
-    two_models = compare.frontier_curves([setting(0.5, 1.5, "ddpm"), setting(0.5, 1.2, "ddpm_6ep")])
-    assert sorted(two_models) == ["ddpm: DPM2M 10", "ddpm_6ep: DPM2M 10"]
+    one_model = frontier_curves([setting(1, 2.0), setting(0.5, 1.5)])
+    assert list(one_model) == ["DPM-Solver++(2M), 10 steps"]
+    assert [s["guidance"] for s in one_model["DPM-Solver++(2M), 10 steps"]] == [0.5, 1]  # sorted by w
+    two_models = frontier_curves([setting(0.5, 1.5, "ddpm"), setting(0.5, 1.2, "ddpm_6ep")])
+    assert sorted(two_models) == ["ddpm: DPM-Solver++(2M), 10 steps", "ddpm_6ep: DPM-Solver++(2M), 10 steps"]

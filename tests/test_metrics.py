@@ -1,17 +1,21 @@
-"""common.metrics: Frechet distance against closed forms, accuracy, entropy, k-NN precision/recall,
-and the judge + `score` CLI on a tiny synthetic MNIST (no real data, no pre-trained judge)."""
+"""common.metrics: Frechet distance against closed forms, accuracy, entropy, k-NN precision/recall;
+the judge (common.judge) and the `score` CLI (common.score) on a tiny synthetic MNIST (no real
+data, no pre-trained judge)."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fake_mnist import write_fake_mnist
 
-from common import metrics
-from common.data import load_mnist, write_fake_mnist
+from common import judge as judge_cli
+from common import score as score_cli
+from common.data import load_mnist
+from common.judge import JudgeConfig, load_judge, train_classifier
 from common.metrics import (
-    JudgeConfig,
     accuracy,
     class_histogram,
     entropy_bits,
@@ -136,14 +140,14 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("judge")
-    metrics.train_classifier(out, data_dir, TINY_JUDGE, log=lambda *a, **k: None)
+    train_classifier(out, data_dir, TINY_JUDGE, log=lambda *a, **k: None)
     return str(out)
 
 
 def test_trained_judge_is_cached_with_its_accuracy(judge_dir):
-    info = json.loads((metrics.Path(judge_dir) / "classifier.json").read_text())
+    info = json.loads((Path(judge_dir) / "classifier.json").read_text())
     assert 0.0 <= info["test_accuracy"] <= 1.0 and info["n_test"] == 64
-    judge = metrics.load_judge(judge_dir, train=False)
+    judge = load_judge(judge_dir, train=False)
     logits, feats = judge.outputs(torch.zeros(3, 28, 28, dtype=torch.uint8))
     assert logits.shape == (3, 10) and feats.shape == (3, 16)
 
@@ -152,7 +156,7 @@ def test_score_cli_on_the_shared_format(tmp_path, judge_dir, data_dir, capsys):
     images, labels = load_mnist(train=False, data_dir=data_dir)
     path = tmp_path / "samples.npz"
     save_samples(path, images[:40, 0], labels[:40])
-    result = metrics.main(["score", str(path), "--classifier", judge_dir, "--data-dir", data_dir])
+    result = score_cli.main([str(path), "--classifier", judge_dir, "--data-dir", data_dir])
     printed = json.loads(capsys.readouterr().out)
     assert printed["n"] == result["n"] == 40
     for key in (
@@ -175,8 +179,8 @@ def test_score_cli_on_the_shared_format(tmp_path, judge_dir, data_dir, capsys):
     assert printed["fd"] >= 0 and printed["fd_floor"] > 0
     assert printed["memorization"]["sample_nn_median"] > 0  # test images are not training images
     # the cache holds the floor for this N; a second score reuses it
-    assert (metrics.Path(judge_dir) / "reference.pt").is_file()
-    again = metrics.main(["score", str(path), "--classifier", judge_dir, "--data-dir", data_dir])
+    assert (Path(judge_dir) / "reference.pt").is_file()
+    again = score_cli.main([str(path), "--classifier", judge_dir, "--data-dir", data_dir])
     assert again["fd"] == pytest.approx(result["fd"]) and again["fd_floor"] == result["fd_floor"]
 
 
@@ -184,7 +188,7 @@ def test_score_unlabelled_samples(tmp_path, judge_dir, data_dir):
     images, _ = load_mnist(train=True, data_dir=data_dir)
     path = tmp_path / "unlabelled.npz"
     np.savez(path, images=images[:30, 0].numpy())
-    result = metrics.score_file(path, metrics.load_judge(judge_dir, data_dir, train=False))
+    result = score_cli.score_file(path, load_judge(judge_dir, data_dir, train=False))
     assert "accuracy" not in result and sum(result["class_histogram"]) == 30
     assert result["memorization"]["sample_nn_median"] < 0.05  # training images are their own neighbours
 
@@ -202,7 +206,7 @@ def test_score_bad_input_is_one_line_exit_2(tmp_path, judge_dir, data_dir, capsy
     if path.suffix == ".png":
         path.write_bytes(b"png")
     with pytest.raises(SystemExit) as e:
-        metrics.main(["score", str(path), "--classifier", judge_dir, "--data-dir", data_dir])
+        score_cli.main([str(path), "--classifier", judge_dir, "--data-dir", data_dir])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
@@ -211,11 +215,11 @@ def test_score_bad_input_is_one_line_exit_2(tmp_path, judge_dir, data_dir, capsy
 def test_classifier_of_the_wrong_kind_is_refused(tmp_path, capsys):
     torch.save({"kind": "vae", "model": {}}, tmp_path / "classifier.pt")
     with pytest.raises(SystemExit) as e:
-        metrics.main(["score", str(tmp_path / "x.npz"), "--classifier", str(tmp_path)])
+        score_cli.main([str(tmp_path / "x.npz"), "--classifier", str(tmp_path)])
     assert e.value.code == 2 and "not a judge classifier" in capsys.readouterr().err
 
 
 def test_train_classifier_refuses_to_overwrite(judge_dir, capsys):
     with pytest.raises(SystemExit) as e:
-        metrics.main(["train-classifier", "--out", judge_dir])
+        judge_cli.main(["--out", judge_dir])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 import torch
+from fake_mnist import write_fake_mnist
 
-from common.data import write_fake_mnist
 from vaegen import sample, train
 
 # 256 training images at batch 64: 4 optimizer steps per epoch
@@ -65,9 +65,11 @@ def test_train_writes_every_file(vae_run):
 
     ckpt = torch.load(vae_run / "checkpoint.pt", weights_only=True)  # plain tensors and containers only
     assert ckpt["kind"] == "vae" and ckpt["epoch"] == 2 and ckpt["step"] == 8
-    assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(ckpt)
-    assert ckpt["config"]["model"] == {"image_size": 28, "hidden": 400, "latent_dim": 20, "num_classes": None}
-    assert ckpt["config"]["train"]["batch_size"] == 64
+    assert {"model", "optimizer", "rng", "config", "images_in_epoch", "world_size"} <= set(ckpt)
+    assert ckpt["config"]["model"] == {
+        "hidden": 400, "latent_dim": 20, "conditional": False, "image_size": 28, "num_classes": 10
+    }  # fmt: skip
+    assert ckpt["config"]["batch_size"] == 64
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_dir, vae_run):

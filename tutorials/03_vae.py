@@ -34,10 +34,10 @@ from common import viz
 from common.data import batch_indices, to_unit
 from common.distributions import standard_normal_kl
 from common.runtime import count_params
+from common.training import lr_factor, set_lr
 from vaegen.elbo import elbo_terms, evaluate_bounds, reconstruction_nll
 from vaegen.model import VAE, VAEConfig, reparameterize
 from vaegen.sample import generate, interpolation_strip, latent_manifold
-from vaegen.train import make_scheduler
 
 tut = setup("03_vae", "train a VAE: the two ELBO terms, samples, reconstructions, interpolation, a 2-D map")
 
@@ -122,7 +122,7 @@ def train(model: VAE, epochs: int, batch_size: int = tut.size(64, 32), lr: float
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = len(x_train) // batch_size
-    sched = make_scheduler(opt, "cosine", epochs * steps_per_epoch, warmup=0.02)
+    total = epochs * steps_per_epoch
     train_log, test_log = [], [(0, evaluate_bounds(model, x_test))]
     window = torch.zeros(2)
     n_steps = 0
@@ -133,8 +133,8 @@ def train(model: VAE, epochs: int, batch_size: int = tut.size(64, 32), lr: float
             loss = terms.neg_elbo.mean()  # nats per image
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            set_lr(opt, lr * lr_factor(n_steps, round(0.02 * total), total))  # warm-up, then cosine to 0
             opt.step()
-            sched.step()
             window += torch.stack([terms.recon_nll.mean(), terms.kl.mean()]).detach()
             n_steps += 1
             if n_steps % log_every == 0:

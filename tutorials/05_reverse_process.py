@@ -25,6 +25,7 @@ from _common import check, claim, setup, step
 from common.data import signed_to_uint8, to_signed
 from common.distributions import normal_log_prob
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.samplers import SamplerSpec, sample
 from ddpm.schedule import cosine_betas
 
 tut = setup(
@@ -35,6 +36,14 @@ F64 = torch.float64
 T = 1000
 diff = GaussianDiffusion(cosine_betas(T))
 g = torch.Generator().manual_seed(0)
+
+
+def plain(sampler: str, steps: int = T) -> SamplerSpec:
+    """`steps` evenly spaced steps of `sampler` down to t = 0, unguided and unclipped (the toy data
+    here are points in the plane, not images in [-1, 1])."""
+    return SamplerSpec(
+        sampler, steps, "uniform", sigma_min=None, guidance=0.0, guidance_interval=None, clip=False
+    )
 
 # %% [markdown]
 # ## 1. The posterior q(x_{t-1} | x_t, x_0)
@@ -234,9 +243,7 @@ claim(
     losses[1.0] < min(losses[0.9], losses[1.1]) and losses[1.0] > 0,
 )
 
-x_ddpm = diff.sample(
-    oracle, None, shape=(n, 2), sampler="ddpm", generator=g, progress=False, clip=False, dtype=F64
-)
+x_ddpm = sample(diff, oracle, plain("ddpm"), torch.randn(n, 2, generator=g, dtype=F64), generator=g)
 share_true = torch.bincount(component_of(data), minlength=3) / n
 share_ddpm = torch.bincount(component_of(x_ddpm), minlength=3) / n
 print(
@@ -293,27 +300,11 @@ n_paths = 5
 xT = torch.randn(n_paths, 2, generator=torch.Generator().manual_seed(11), dtype=F64)
 paths = {}
 for sampler in ("ddpm", "ddim"):
-    _, traj = diff.sample(
-        oracle,
-        None,
-        sampler=sampler,
-        xT=xT,
-        generator=torch.Generator().manual_seed(12),
-        progress=False,
-        clip=False,
-        return_trajectory=True,
-    )
+    traj = []  # (t, x_t) at each step, then (-1, x_0)
+    sample(diff, oracle, plain(sampler), xT, generator=torch.Generator().manual_seed(12), trajectory=traj)
     paths[sampler] = torch.stack([x for _, x in traj])  # [T + 1, n_paths, 2]
-again = diff.sample(oracle, None, sampler="ddim", xT=xT, progress=False, clip=False)
-other = diff.sample(
-    oracle,
-    None,
-    sampler="ddpm",
-    xT=xT,
-    generator=torch.Generator().manual_seed(13),
-    progress=False,
-    clip=False,
-)
+again = sample(diff, oracle, plain("ddim"), xT)
+other = sample(diff, oracle, plain("ddpm"), xT, generator=torch.Generator().manual_seed(13))
 claim("DDIM (eta = 0) from the same x_T gives the same sample", torch.equal(again, paths["ddim"][-1]))
 print(
     f"    DDPM from the same x_T with other noise ends {(other - paths['ddpm'][-1]).norm(dim=1).mean():.3f}"
@@ -346,7 +337,7 @@ tut.save(fig, "trajectories.png")
 # %% [markdown]
 # ## 5. Few deterministic steps shrink the spread
 # With S < T steps, both samplers jump between S evenly spaced steps with the same formulas
-# (`GaussianDiffusion.timesteps`). Every jump first estimates x0_hat = E[x_0 | x_t], a
+# (`ddpm.samplers.timesteps`). Every jump first estimates x0_hat = E[x_0 | x_t], a
 # conditional *mean*: from a very noisy x_t it lies near the middle of everything x_t could
 # have come from, between the clusters. A deterministic DDIM step never adds back the variance
 # that this averaging removes, so with few steps the samples are pulled inwards: with one or
@@ -383,16 +374,7 @@ results, ratio, off = {}, {}, {}
 print("    steps   spread: DDIM   DDPM    off the data: DDIM   DDPM   (data: spread 1.00, 1% off)")
 for S in step_counts:
     for sampler in ("ddim", "ddpm"):
-        x = diff.sample(
-            oracle,
-            None,
-            sampler=sampler,
-            steps=S,
-            xT=xT5,
-            progress=False,
-            clip=False,
-            generator=torch.Generator().manual_seed(22),
-        )
+        x = sample(diff, oracle, plain(sampler, S), xT5, generator=torch.Generator().manual_seed(22))
         results[sampler, S], ratio[sampler, S] = x, spread(x) / base
         off[sampler, S] = (log_density(x) < floor).double().mean().item()
     print(

@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.data import to_signed
 from common.runtime import count_params
+from ddpm.config import load_model
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.embeddings import ConditionEmbedding, timestep_embedding
-from ddpm.sample import load_model
 from ddpm.schedule import cosine_betas
 from ddpm.unet import Attention, ResBlock, UNet, UNetConfig
 

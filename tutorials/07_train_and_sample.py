@@ -32,8 +32,9 @@ from common import viz
 from common.checkpoint import read_csv
 from common.data import signed_to_uint8, to_signed
 from common.runtime import count_params
-from ddpm.diffusion import guided_eps
-from ddpm.sample import generate, load_model
+from ddpm.config import load_model
+from ddpm.sample import generate
+from ddpm.samplers import Denoiser, SamplerSpec, sample
 from ddpm.train import main as ddpm_train
 from ddpm.unet import UNetConfig
 
@@ -200,25 +201,32 @@ tut.save(fig, "training.png")
 # %%
 step(2, "the denoising trajectory (DDPM, all steps) and the model's guess of x_0 along it")
 judge = knn_judge(x_train_u8[:10_000], y_train[:10_000])
-W = 1.0  # guidance for steps 2 and 4 (the default of ddpm.sample)
+W = 1.0  # guidance at every step, for steps 2 and 4 (ddpm.sample guides at 0.5, in an interval)
 SEED = 7
 ddpm_steps = tut.size(diffusion.T, 50)
 y10 = torch.arange(10)
+
+
+def plain(sampler: str, steps: int, w: float = W) -> SamplerSpec:
+    """`steps` evenly spaced steps of `sampler` to t = 0, guided at every step with w."""
+    return SamplerSpec(sampler, steps, "uniform", sigma_min=None, guidance=w, guidance_interval=None)
+
+
 start = time.perf_counter()
-x_ddpm, traj = diffusion.sample(
-    model, y10, sampler="ddpm", steps=ddpm_steps, guidance=W,
-    generator=torch.Generator().manual_seed(SEED), progress=False, return_trajectory=True,
-)  # fmt: skip
+g = torch.Generator().manual_seed(SEED)
+traj = []  # (t, x_t) at each step, then (-1, x_0)
+xT = torch.randn(10, 1, 28, 28, generator=g)
+x_ddpm = sample(diffusion, model, plain("ddpm", ddpm_steps), xT, y10, g, traj)
 ddpm_seconds = time.perf_counter() - start
+guided = Denoiser(model, y10, diffusion.sigma, guidance=W)  # eps~ as the sampler saw it
 picks = torch.linspace(0, len(traj) - 1, 11).round().long().tolist()
 frames, guesses, gap, read = [], [], {}, {}
 print("         t   RMS(x0_hat - final sample)   judge reads the requested digit in x0_hat")
 for i in picks:
     t, xt = traj[i]
     if t >= 0:
-        t_batch = torch.full((10,), t)
         with torch.no_grad():
-            x0_hat = diffusion.predict_x0(xt, t_batch, guided_eps(model, xt, t_batch, y10, W)).clamp(-1, 1)
+            x0_hat = diffusion.predict_x0(xt, t, guided(xt, t)).clamp(-1, 1)
     else:  # the end of the chain: the sample itself
         x0_hat = xt
     frames.append(signed_to_uint8(xt.clamp(-2.5, 2.5) / 2.5)[:, 0])  # noise shown on a -2.5..2.5 scale
@@ -274,7 +282,7 @@ y_grid = torch.arange(10).repeat_interleave(per_digit)
 ddim_fine = tut.size(50, 10)
 samples, agree, spread, ink = {}, {}, {}, {}
 for w in (0.0, 1.0, 3.0):
-    samples[w] = generate(model, diffusion, y_grid, "ddim", ddim_fine, 0.0, w, seed=11, progress=False)
+    samples[w] = generate(model, diffusion, plain("ddim", ddim_fine, w), y_grid, seed=11)
     agree[w] = (judge(samples[w]) == y_grid).float().mean().item()
     flat = samples[w].reshape(10, per_digit, -1).float() / 255
     spread[w] = (torch.cdist(flat, flat).sum() / (10 * per_digit * (per_digit - 1))).item()
@@ -329,7 +337,7 @@ claim(
 rows_img, labels_row, seconds = [], [], {}
 for S in tut.size((10, 20, 50), (2, 5, 10)):
     start = time.perf_counter()
-    rows_img.append(generate(model, diffusion, y10, "ddim", S, 0.0, W, seed=SEED, progress=False))
+    rows_img.append(generate(model, diffusion, plain("ddim", S), y10, seed=SEED))
     seconds[f"DDIM {S}"] = time.perf_counter() - start
     labels_row.append(f"DDIM {S}")
 rows_img.append(signed_to_uint8(x_ddpm)[:, 0])

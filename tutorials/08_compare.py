@@ -4,7 +4,7 @@
 # "VAE samples are blurry, diffusion samples are sharp" is a judgement by eye. This tutorial
 # turns it into numbers anyone can reproduce, with the project's own evaluation commands:
 #
-# - a **judge**: a small CNN trained on MNIST (`common.metrics`). Its penultimate layer is the
+# - a **judge**: a small CNN trained on MNIST (`common.judge`). Its penultimate layer is the
 #   feature space of every sample metric, the way Inception features are for FID;
 # - **MNIST-FD**: the Fréchet distance between Gaussians fitted to the judge's features of N
 #   samples and of the test set. Even real digits do not score 0 (N is finite), so every FD is
@@ -38,7 +38,8 @@ import matplotlib.pyplot as plt
 import torch
 from _common import REPO, claim, setup, step
 
-from common import compare, metrics, viz
+from common import compare, viz
+from common.judge import JudgeConfig, train_classifier
 from common.samples import load_samples
 from ddpm import evaluate as ddpm_evaluate
 from ddpm import train as ddpm_train
@@ -74,8 +75,8 @@ runs = {name: runs_root / name for name in NAMES}
 to_make = [n for n in NAMES if tut.quick or not evaluated(runs[n])]
 if tut.quick:
     judge = tut.out / "judge"
-    tiny = metrics.JudgeConfig(channels=(4, 8), features=16, epochs=1, batch_size=64, augment=False)
-    info = metrics.train_classifier(judge, data_root, tiny, log=lambda *a, **k: None)
+    tiny = JudgeConfig(channels=(4, 8), features=16, epochs=1, batch_size=64, augment=False)
+    info = train_classifier(judge, data_root, tiny, log=lambda *a, **k: None)
     print(f"    tiny judge trained here: test accuracy {info['test_accuracy']:.3f}")
 else:
     judge = REPO / "results" / "classifier"
@@ -151,7 +152,7 @@ points += [("ddpm", s["name"], s["seconds_per_100"], s["metrics"]) for s in m["d
 curves: dict[str, list[tuple[float, float, dict]]] = {}  # DDPM: one curve per sampler, along w
 for s in m["ddpm"]["settings"]:
     point = (s["guidance"], s["seconds_per_100"], s["metrics"])
-    curves.setdefault(compare.sampler_label(s), []).append(point)
+    curves.setdefault(f"{s['method']}, {s['steps']} steps", []).append(point)
 
 
 def plot_models(ax, x_of, y_of) -> None:

@@ -28,10 +28,12 @@ import torch
 
 import common.viz  # noqa: F401  (selects the Agg backend: figures are files)
 from common.cli import UserError
-from common.data import find_mnist, load_mnist, write_fake_mnist
+from common.data import find_mnist, load_mnist
 from common.runtime import seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from fake_mnist import write_fake_mnist  # noqa: E402  (the tests' tiny synthetic MNIST)
 
 try:  # in a notebook, draw figures inline as well as saving them
     _ipython = get_ipython()  # type: ignore[name-defined]  # noqa: F821

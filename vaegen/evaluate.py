@@ -4,7 +4,7 @@ Writes <run>/metrics.json (and prints it) and <run>/samples.npz, the scored samp
 - likelihood on the MNIST test set: the one-sample negative ELBO (Kingma & Welling 2013,
   eq. 10) and the negative IWAE bound with k = 1000 importance samples (Burda et al. 2015,
   eq. 8), in nats per image and in bits per dimension (nats / (784 ln 2));
-- sample metrics from the judge classifier (common.metrics.score) for N = 1000 samples,
+- sample metrics from the judge classifier (common.score) for N = 1000 samples,
   100 per digit for the conditional VAE: MNIST-FD with its floor, accuracy, precision,
   recall, class histogram and entropy, nearest-training-neighbour distances;
 - sampling time per 100 images, training wall time, images seen, parameter count.
@@ -26,11 +26,13 @@ from common.checkpoint import load_checkpoint, read_csv, write_json
 from common.cli import ArgumentParser, UserError, nonneg_int, positive_int, user_errors
 from common.data import load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
-from common.metrics import judge_summary, load_judge, score
+from common.judge import judge_summary, load_judge
 from common.runtime import count_params, pick_device
 from common.samples import save_samples
+from common.score import score
 from vaegen.elbo import evaluate_bounds
 from vaegen.sample import generate, load_vae, sample_labels
+from vaegen.train import TrainConfig
 
 BERNOULLI_NOTE = (
     "Bernoulli decoder on grey levels in [0, 1] (continuous targets): a bound on a density of "
@@ -63,7 +65,7 @@ def build_parser() -> ArgumentParser:
 def training_summary(run: Path, ckpt: dict) -> dict[str, Any]:
     """Wall time (sum of loss.csv's per-epoch seconds: training, test ELBO and sample grid),
     optimizer steps, images seen (steps x batch size) and epochs completed."""
-    batch = int(ckpt["config"]["train"]["batch_size"])
+    batch = TrainConfig.from_dict(ckpt["config"]).batch_size
     seconds = None
     if (run / "loss.csv").is_file():
         rows = read_csv(run / "loss.csv")

@@ -4,7 +4,7 @@ Encoder q_phi(z|x) = N(z; mu, diag(sigma^2)) with (mu, log sigma^2) from one hid
 (Appendix C.2, eq. 12); decoder p_theta(x|z) = Bernoulli(sigmoid(logits)) from one hidden
 layer (Appendix C.1, eq. 11). Shapes: x [B, 784] (or [B, 1, 28, 28]) in [0, 1], z [B, J].
 
-The conditional variant (num_classes set) gives the one-hot label y to both networks,
+The conditional variant (`conditional`) gives the one-hot label y to both networks,
 q_phi(z|x, y) and p_theta(x|z, y), so that samples can be asked for a given digit.
 """
 
@@ -16,23 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import positive_int
+from common.config import from_dict, option
 
-@dataclass
+
+@dataclass(frozen=True)
 class VAEConfig:
-    """Architecture of the VAE: image_size^2 -> hidden -> latent_dim (and back)."""
+    """Architecture of the VAE: image_size^2 -> hidden -> latent_dim (and back); each field with a
+    flag is one of `vaegen.train`'s (group "VAEConfig")."""
 
-    image_size: int = 28
-    hidden: int = 400
-    latent_dim: int = 20
-    num_classes: int | None = None  # None: unconditional; 10: class-conditional VAE
+    hidden: int = option(400, "hidden units of the encoder and of the decoder", positive_int)
+    latent_dim: int = option(20, "dimension J of z", positive_int)
+    conditional: bool = option(False, "class-conditional VAE (the one-hot label in q and p)")
+    image_size: int = option(28, "image side", cli=False)
+    num_classes: int = option(10, "digit classes (for the conditional VAE's labels)", cli=False)
 
     @property
     def data_dim(self) -> int:
         return self.image_size * self.image_size
 
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes is not None
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        """The config a checkpoint recorded; older runs wrote num_classes None for an unconditional VAE."""
+        if "conditional" not in d:
+            classes = d.get("num_classes")
+            d = {**d, "conditional": classes is not None, "num_classes": classes or 10}
+        return from_dict(cls, d)
 
 
 def reparameterize(
@@ -56,7 +65,7 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         D, H, J = config.data_dim, config.hidden, config.latent_dim
-        C = config.num_classes or 0
+        C = config.num_classes if config.conditional else 0
         # Encoder q_phi(z|x[, y]) (Appendix C.2)
         self.enc_hidden = nn.Linear(D + C, H)
         self.enc_mu = nn.Linear(H, J)

@@ -33,7 +33,7 @@ def load_vae(run: str | Path, device: torch.device) -> VAE:
     """The model stored in a vaegen.train checkpoint (run directory or checkpoint file), in eval mode."""
     state = load_checkpoint(run, "vae", map_location=device)
     try:
-        config = VAEConfig(**state["config"]["model"])
+        config = VAEConfig.from_dict(state["config"]["model"])
         model = VAE(config)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:

@@ -1,0 +1,79 @@
+"""The DDPM's configuration, and the model and process built from it.
+
+`DDPMConfig` is the one place a hyperparameter of the diffusion model lives: each field is a flag
+of `python -m ddpm.train` (common.config), a key of the run's config.json and of its checkpoint.
+`build_model` turns it into (UNet, GaussianDiffusion); `load_model` does the same from a run's
+checkpoint. Train, sample, evaluate and bench all build through these two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from common.config import from_dict, nested, option
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.schedule import SCHEDULES, make_betas
+from ddpm.unet import UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    """Every setting of a DDPM run: the recipe, the process, the UNet and where it all goes."""
+
+    out: str = option("results/ddpm", "run directory (config, checkpoint, curves, samples)", resume="flag")
+    epochs: int = option(6, "passes over the 60k training images", positive_int, resume="extend")
+    minutes: float = option(
+        30.0, "wall-clock budget: the lr anneals by epochs or by time, whichever runs out first (0: none)",
+        nonneg_float, resume="extend",
+    )  # fmt: skip
+    max_steps: int | None = option(None, "stop after N optimizer steps", positive_int, resume="flag")
+    batch_size: int = option(64, "images per optimizer step (per process under torchrun)", positive_int)
+    lr: float = option(4e-3, "peak AdamW learning rate", positive_float)
+    warmup_steps: int = option(
+        200, "linear warm-up, then cosine decay to 0 over --epochs (or --minutes, if shorter)", nonneg_int
+    )
+    grad_clip: float = option(1.0, "max gradient norm (0: off)", nonneg_float)
+    ema_decay: float = option(0.999, "decay of the weights' moving average (sampled from)", unit_float)
+    p_uncond: float = option(0.1, "probability of dropping the label (classifier-free guidance)", unit_float)
+    snr_gamma: float = option(
+        5.0, "weight each step's loss by min(SNR, gamma) / SNR (Min-SNR); 0: unweighted L_simple",
+        nonneg_float,
+    )
+    schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
+    timesteps: int = option(1000, "T, diffusion steps", positive_int)
+    seed: int = option(0, "seeds the initial weights, the data order and the noise")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", resume="flag")
+    compile: bool = option(False, "torch.compile the UNet (helps on GPU)", resume="flag")
+    data_dir: str | None = option(None, "MNIST root (else $MNIST_DIR, else ./data)", str, resume="flag")
+    log_every: int = option(50, "steps per loss.csv row", positive_int, resume="flag")
+    sample_every: int = option(
+        0, "steps between sample grids (0: at each epoch end)", nonneg_int, resume="flag"
+    )
+    unet: UNetConfig = nested(UNetConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DDPMConfig:
+        """The config a checkpoint or config.json recorded; runs from before the schedule was
+        recorded used the cosine one."""
+        return from_dict(cls, d, missing={"schedule": "cosine"})
+
+
+def build_model(cfg: DDPMConfig) -> tuple[UNet, GaussianDiffusion]:
+    """The UNet (on the CPU, fresh weights from the global RNG) and the diffusion process of `cfg`."""
+    return UNet(cfg.unet), GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps))
+
+
+def load_model(
+    run: str | Path, device: torch.device, use_ema: bool = True
+) -> tuple[UNet, GaussianDiffusion, dict]:
+    """The UNet (EMA weights by default, eval mode, on `device`), its diffusion and the checkpoint
+    of a run directory or checkpoint file of `ddpm.train`."""
+    ckpt = load_checkpoint(run, "ddpm", map_location=device)
+    model, diffusion = build_model(DDPMConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model.to(device).eval(), diffusion, ckpt
