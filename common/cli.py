@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,24 @@ digit = _bounded(int, 0, 9, "a digit 0-9")
 def digit_list(text: str) -> list[int]:
     """Parse `--labels 0,1,2` into digits 0-9."""
     return [digit(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def nonneg_or_none(text: str) -> float | None:
+    """A number >= 0, with 0 meaning none (e.g. --sigma-min 0: no early end)."""
+    return nonneg_float(text) or None
+
+
+def interval(text: str) -> tuple[float, float] | None:
+    """`LO,HI` -> (LO, HI) with 0 <= LO < HI; `all` -> None (no restriction)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers) or 'all', got {text!r}") from None
+    if not (0 <= lo < hi) or math.isnan(hi):
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI, got {text!r}")
+    return lo, hi
 
 
 def int_tuple(text: str) -> tuple[int, ...]:

@@ -148,28 +148,10 @@ def train_classifier(
     g = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        model.train()
-        total, n = 0.0, 0
-        drop_last = len(x_train) >= config.batch_size
-        for idx in list(batch_indices(len(x_train), config.batch_size, config.seed, epoch, drop_last))[
-            :steps_per_epoch
-        ]:
-            x = to_unit(x_train[idx])
-            if config.augment:
-                x = augment(x, g)
-            loss = F.cross_entropy(model(x), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item(), n + 1
+        loss = train_epoch(model, opt, sched, x_train, y_train, config, epoch, g)
         acc = accuracy(judge_outputs(model, x_test)[0].argmax(1), y_test)
-        log(
-            f"judge epoch {epoch + 1}/{config.epochs}: train loss {total / max(n, 1):.4f} "
-            "(cross-entropy, nats), "
-            f"test accuracy {acc:.4f}, {time.perf_counter() - start:.0f} s",
-            flush=True,
-        )
+        log(f"judge epoch {epoch + 1}/{config.epochs}: train loss {loss:.4f} (cross-entropy, nats), "
+            f"test accuracy {acc:.4f}, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
     seconds = time.perf_counter() - start
     acc = accuracy(judge_outputs(model, x_test)[0].argmax(1), y_test)
     save_checkpoint(
@@ -190,6 +172,34 @@ def train_classifier(
     write_json(out_dir / INFO, info)
     (out_dir / REFERENCE).unlink(missing_ok=True)  # features of the old judge are stale
     return info
+
+
+def train_epoch(
+    model: JudgeCNN,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    config: JudgeConfig,
+    epoch: int,
+    g: torch.Generator,
+) -> float:
+    """One epoch of cross-entropy steps on (augmented) training images; returns the mean loss."""
+    model.train()
+    total, n = 0.0, 0
+    steps = max(1, len(x_train) // config.batch_size)
+    drop_last = len(x_train) >= config.batch_size
+    for idx in list(batch_indices(len(x_train), config.batch_size, config.seed, epoch, drop_last))[:steps]:
+        x = to_unit(x_train[idx])
+        if config.augment:
+            x = augment(x, g)
+        loss = F.cross_entropy(model(x), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total, n = total + loss.item(), n + 1
+    return total / max(n, 1)
 
 
 class Judge:

@@ -29,7 +29,7 @@ from common.metrics import (
     precision_recall,
     subset,
 )
-from common.reference import floor, reference
+from common.reference import Reference, floor, reference
 from common.samples import load_samples
 
 
@@ -84,27 +84,31 @@ def score(
     }
     if labels is not None:
         out["accuracy"] = accuracy(predicted, labels)
-        per_acc, per_p, per_r = [], [], []
-        for d in range(NUM_CLASSES):
-            mine = labels == d
-            per_acc.append(accuracy(predicted[mine], labels[mine]) if mine.any() else None)
-            fake_d = feats[mine]
-            pool = ref.test_features[ref.test_labels == d]
-            real_d = pool[subset(len(pool), len(fake_d), seed + d)]
-            if min(len(fake_d), len(real_d)) > k:
-                p, r = precision_recall(real_d, fake_d, k)
-            else:
-                p = r = None
-            per_p.append(p)
-            per_r.append(r)
-        out["accuracy_per_digit"] = per_acc
-        out["precision_per_digit"] = per_p
-        out["recall_per_digit"] = per_r
+        out.update(per_digit(predicted, feats, labels, ref, k, seed))
     out["memorization"] = memorization(
         to_unit(images).reshape(n, -1), ref.train_pixels, ref.test_nn_distance
     )
     return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in out.items()}
 
+
+
+def per_digit(
+    predicted: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, ref: Reference, k: int, seed: int
+) -> dict[str, list[float | None]]:
+    """Accuracy, precision and recall per requested digit (None where a digit has <= k samples);
+    each digit's samples against as many test images of that digit."""
+    out: dict[str, list[float | None]] = {"accuracy_per_digit": [], "precision_per_digit": [],
+                                          "recall_per_digit": []}  # fmt: skip
+    for d in range(NUM_CLASSES):
+        mine = labels == d
+        out["accuracy_per_digit"].append(accuracy(predicted[mine], labels[mine]) if mine.any() else None)
+        fake_d = feats[mine]
+        pool = ref.test_features[ref.test_labels == d]
+        real_d = pool[subset(len(pool), len(fake_d), seed + d)]
+        p, r = precision_recall(real_d, fake_d, k) if min(len(fake_d), len(real_d)) > k else (None, None)
+        out["precision_per_digit"].append(p)
+        out["recall_per_digit"].append(r)
+    return out
 
 
 def score_file(path: str | Path, judge: Judge, k: int = 3) -> dict[str, Any]:

@@ -12,7 +12,9 @@ they see the same machine load, and compare ratios (docs/experiments.md, "Speed"
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -35,7 +37,7 @@ def gflop_per_image(model: torch.nn.Module) -> float:
     return counter.get_total_flops() / 1e9
 
 
-# The configurations compared when the default was chosen (README, "Choosing the UNet").
+# The configurations compared when the default was chosen (docs/experiments.md, "The UNet").
 CANDIDATES = {
     "default 16/48/96, blocks 0,1,1": UNetConfig(),
     "32/64/64, blocks 0,1,1": UNetConfig(base_channels=32, channel_mult=(1, 2, 2)),
@@ -54,7 +56,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch.device) -> dict:
+def median_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """The median wall time of `repeats` calls of `work` (on a noisy machine one call is not enough)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        work()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(
+    name: str, config: UNetConfig, batch: int, steps: int, repeats: int, device: torch.device
+) -> dict:
     """Time one configuration: training steps, forward passes, 100 default digits; one JSON-able row."""
     torch.manual_seed(0)
     cfg = DDPMConfig(unet=config)
@@ -78,17 +94,9 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
     tb = torch.full((100,), 500, device=device)
     spec = SamplerSpec()  # what `ddpm.sample` draws with by default
     with torch.no_grad():
-        for i in range(6):
-            if i == 1:
-                sync(device)
-                start = time.perf_counter()
-            model(xb, tb, yb)
-        sync(device)
-        step_ms = (time.perf_counter() - start) / 5 * 1000
-        start = time.perf_counter()
-        generate(model, diffusion, spec, yb, seed=0)
-        sync(device)
-        sample_100_s = time.perf_counter() - start
+        model(xb, tb, yb)  # warm-up
+        step_ms = 1000 * median_seconds(lambda: model(xb, tb, yb), 5, device)
+        sample_100_s = median_seconds(lambda: generate(model, diffusion, spec, yb, seed=0), repeats, device)
     return {
         "model": name,
         "params": count_params(model),
@@ -97,8 +105,8 @@ def measure(name: str, config: UNetConfig, batch: int, steps: int, device: torch
         "batch": batch,
         "device": str(device),
         "train_img_per_s": round(train_img_per_s, 1),
-        "sample_ms_per_step": round(step_ms, 1),
-        "sample_100_digits_s": round(sample_100_s, 2),
+        "sample_ms_per_step": round(step_ms, 1),  # median of 5 passes
+        "sample_100_digits_s": round(sample_100_s, 2),  # median of --repeats draws
         "sample_passes": spec.passes(diffusion),
         "sample_setting": spec.label,
     }
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m ddpm.bench", description=__doc__)
     p.add_argument("--batch", type=positive_int, default=64, help="training batch")
     p.add_argument("--steps", type=positive_int, default=10, help="timed training steps")
+    p.add_argument("--repeats", type=positive_int, default=3, help="100-digit draws timed (median shown)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--candidates", action="store_true", help="one line per configuration we compared")
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(a.device)
     configs = CANDIDATES if a.candidates else {"ours (ddpm.unet.UNet, default UNetConfig)": UNetConfig()}
     for name, config in configs.items():
-        print(json.dumps(measure(name, config, a.batch, a.steps, device)), flush=True)
+        print(json.dumps(measure(name, config, a.batch, a.steps, a.repeats, device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,25 +19,9 @@ from collections.abc import Callable
 import torch
 
 from common.distributions import discretized_gaussian_log_likelihood, nats_to_bits_per_dim, normal_kl
-from common.tensor import extract, mean_flat, sum_flat
+from common.tensor import extract, mean_flat, randn, sum_flat
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def randn(
-    shape: tuple[int, ...] | torch.Size,
-    generator: torch.Generator | None,
-    device: torch.device | str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """N(0, I) noise on `device`, drawn from `generator` wherever that generator lives.
-
-    A CPU generator with a CUDA tensor draws on the CPU and copies, so one seed gives the
-    same noise on every device.
-    """
-    if generator is not None and generator.device.type != torch.device(device).type:
-        return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 class GaussianDiffusion:

@@ -43,7 +43,7 @@ from common.score import score
 from ddpm.config import load_model
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.sample import generate, requested_labels, spec_for
-from ddpm.samplers import SamplerSpec
+from ddpm.samplers import SAMPLERS, SamplerSpec
 from ddpm.unet import UNet
 
 BEST_RULE = (
@@ -66,7 +66,7 @@ def sampler_list(text: str) -> list[tuple[str, int | None]]:
     """`ddpm,ddim50,dpm2m10` -> [('ddpm', None), ('ddim', 50), ('dpm2m', 10)]; None = all T steps."""
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        m = re.fullmatch(r"(ddpm|ddim|dpm2m)(\d*)", part)
+        m = re.fullmatch(rf"({'|'.join(SAMPLERS)})(\d*)", part)
         if not m or (m.group(2) and int(m.group(2)) < 1):
             raise argparse.ArgumentTypeError(f"expected samplers like ddpm, ddim50, dpm2m20, got {part!r}")
         out.append((m.group(1), int(m.group(2)) if m.group(2) else None))
@@ -181,6 +181,29 @@ def pick_best(settings: list[dict[str, Any]]) -> str:
     return max(settings, key=lambda s: (acc(s), -ratio(s), -s["steps"]))["name"]
 
 
+def best_of(settings: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """What metrics.json says of the sweep: the best setting (BEST_RULE) and its scores, the goal
+    and which settings meet it, and every setting."""
+    best = next(s for s in settings if s["name"] == pick_best(settings))
+    return {
+        "best": best["name"],
+        "best_rule": BEST_RULE,
+        "goal": str(GOAL),
+        "goal_met_by": [s["name"] for s in settings if GOAL.met(s["metrics"], s["steps"])],
+        "sampling": {
+            "method": best["label"],
+            "steps": best["steps"],
+            "seconds_per_100": best["seconds_per_100"],
+            "n": best["n"],
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        },
+        "samples_file": "samples.npz",
+        "samples": best["metrics"],
+        "settings": settings,
+    }
+
+
 def sweep(a: argparse.Namespace, diffusion: GaussianDiffusion) -> list[SamplerSpec]:
     """The settings to measure: --samplers x --guidance, the other sampler flags shared, each fitted
     to the model (all T steps: to t = 0, unspaced), without repeats."""
@@ -255,8 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
 
-    best = next(s for s in settings if s["name"] == pick_best(settings))
-    save_samples(run / "samples.npz", *images_of[best["name"]])
+    save_samples(run / "samples.npz", *images_of[pick_best(settings)])
     plot_frontier(settings, run / "frontier.png", GOAL, title=f"{run.name}: guidance frontier")
     metrics = {
         "model": "ddpm",
@@ -268,21 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "T": diffusion.T,
         "train": training_summary(ckpt),
         "likelihood": likelihood,
-        "best": best["name"],
-        "best_rule": BEST_RULE,
-        "goal": str(GOAL),
-        "goal_met_by": [s["name"] for s in settings if GOAL.met(s["metrics"], s["steps"])],
-        "sampling": {
-            "method": best["label"],
-            "steps": best["steps"],
-            "seconds_per_100": best["seconds_per_100"],
-            "n": best["n"],
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-        },
-        "samples_file": "samples.npz",
-        "samples": best["metrics"],
-        "settings": settings,
+        **best_of(settings, device),
         "judge": judge_summary(judge),
         "curve": {"x": "step", "y": ["loss"], "ylabel": "training loss", "logy": True},
         "eval_seconds": time.perf_counter() - started,

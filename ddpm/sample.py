@@ -20,9 +20,10 @@ from common.config import add_flags, from_args
 from common.data import signed_to_uint8
 from common.runtime import pick_device
 from common.samples import save_samples
+from common.tensor import randn
 from common.viz import save_grid
 from ddpm.config import load_model
-from ddpm.diffusion import GaussianDiffusion, randn
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SamplerSpec, sample
 from ddpm.unet import UNet
 

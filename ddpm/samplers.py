@@ -14,7 +14,6 @@ guidance, interval); `sample` draws with it. Shapes: x [B, C, H, W], y long [B] 
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -22,9 +21,10 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import nonneg_float, positive_int, unit_float
+from common.cli import interval, nonneg_float, nonneg_or_none, positive_int, unit_float
 from common.config import option
-from ddpm.diffusion import EpsModel, GaussianDiffusion, randn
+from common.tensor import randn
+from ddpm.diffusion import EpsModel, GaussianDiffusion
 
 SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm2m": "DPM-Solver++(2M)"}
 SPACINGS = ("uniform", "karras")
@@ -235,24 +235,6 @@ def dpm_solver_2m_loop(
 
 
 # ------------------------------------------------------------------------------ a setting
-def sigma_interval(text: str) -> tuple[float, float] | None:
-    """`LO,HI` -> (LO, HI), the noise levels sigma_t whose steps are guided; `all` -> None."""
-    if text.strip().lower() == "all":
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers) or 'all', got {text!r}") from None
-    if not (0 <= lo < hi) or math.isnan(hi):
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI, got {text!r}")
-    return lo, hi
-
-
-def sigma_min_arg(text: str) -> float | None:
-    """--sigma-min: a noise level, or 0 for none (the samplers then end at t = 0)."""
-    return nonneg_float(text) or None
-
-
 @dataclass(frozen=True)
 class SamplerSpec:
     """One way to draw samples, built once from the flags and passed to sampling, evaluation,
@@ -262,39 +244,33 @@ class SamplerSpec:
     eta is 0 but for DDIM, the interval is None without guidance, sigma_min 0 is None.
     """
 
-    sampler: str = option(
-        "dpm2m", "ddpm: ancestral; ddim: deterministic for --eta 0; dpm2m: DPM-Solver++(2M), "
-        "second order", choices=tuple(SAMPLERS)
-    )
+    sampler: str = option("dpm2m", "ddpm: ancestral; ddim: deterministic for --eta 0; dpm2m: "
+                          "DPM-Solver++(2M), second order", choices=tuple(SAMPLERS))  # fmt: skip
     steps: int = option(10, "denoising steps (<= T; T visits every step)", positive_int)
-    spacing: str = option(
-        "karras", "which steps a short sampler visits: evenly spaced t, or evenly spaced in "
-        "sigma^(1/7) (Karras et al. 2022): more at both ends", choices=SPACINGS
-    )
+    spacing: str = option("karras", "which steps a short sampler visits: evenly spaced t, or evenly "
+                          "spaced in sigma^(1/7) (Karras et al. 2022): more at both ends",
+                          choices=SPACINGS)  # fmt: skip
     sigma_min: float | None = option(
         0.1, "end at the first step with sigma_t >= this and return its x0 prediction, skipping the "
-        "lowest-noise steps (0: end at t = 0; a sampler visiting all T steps always does)", sigma_min_arg
-    )
+        "lowest-noise steps (0: end at t = 0; a sampler visiting all T steps always does)", nonneg_or_none,
+    )  # fmt: skip
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 ~ DDPM", unit_float)
     guidance: float = option(0.5, "classifier-free guidance w: eps = (1+w) eps(x,y) - w eps(x,null)",
                              nonneg_float)  # fmt: skip
     guidance_interval: tuple[float, float] | None = option(
         (0.28, 5.42), "guide only the steps whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) "
-        "lies in (LO, HI], e.g. 0.28,5.42 (Kynkaanniemi et al. 2024); 'all' guides every step",
-        sigma_interval,
-    )
+        "lies in (LO, HI], e.g. 0.28,5.42 (Kynkaanniemi et al. 2024); 'all' guides every step", interval,
+    )  # fmt: skip
     clip: bool = option(True, "clip each x0 prediction to [-1, 1]")
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r} (use {', '.join(SAMPLERS)})")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {self.spacing!r} (use 'uniform' or 'karras')")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        interval = self.guidance_interval
+        if self.sampler not in SAMPLERS or self.spacing not in SPACINGS or self.steps < 1:
+            raise ValueError(f"not a sampler setting: {self.sampler!r}, {self.steps} steps, "
+                             f"{self.spacing!r} (samplers: {', '.join(SAMPLERS)}; spacings: "
+                             f"{', '.join(SPACINGS)})")  # fmt: skip
+        gi = self.guidance_interval
         object.__setattr__(self, "eta", float(self.eta) if self.sampler == "ddim" else 0.0)
-        object.__setattr__(self, "guidance_interval", tuple(interval) if interval and self.guidance else None)
+        object.__setattr__(self, "guidance_interval", tuple(gi) if gi and self.guidance else None)
         object.__setattr__(self, "sigma_min", self.sigma_min or None)
 
     def for_model(self, diffusion: GaussianDiffusion) -> SamplerSpec:

@@ -28,10 +28,11 @@ from common.config import add_flags, from_args, resume_config
 from common.data import load_mnist, signed_to_uint8, to_signed
 from common.ema import make_ema
 from common.runtime import count_params, seed_everything, versions
+from common.tensor import randn
 from common.training import Loop, lr_factor, open_run_dir, set_lr
 from common.viz import plot_curves, save_digit_grid
 from ddpm.config import DDPMConfig, build_model
-from ddpm.diffusion import GaussianDiffusion, randn
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SamplerSpec, sample
 from ddpm.unet import UNet
 

@@ -73,12 +73,13 @@ class GroupNorm(nn.GroupNorm):
 
     y = (x - mean_g) / sqrt(var_g + eps) * weight + bias, with mean_g and var_g over the H x W
     positions and C / G channels of each group. PyTorch's CPU kernel is several times slower on
-    channels-last (NHWC) tensors than on NCHW ones at this UNet's sizes (README, "Speed"), and
+    channels-last (NHWC) tensors than on NCHW ones at this UNet's sizes, and
     sampling spends its time without autograd on NHWC tensors. There we instead sum x and x^2
     over the positions of the [B, H*W, C] view (two strided reductions), pool the sums into each
     group's mean and variance (var = E[x^2] - mean^2), and apply the normalisation as one
     per-channel scale and shift. With autograd on (training) the native kernel runs: its
-    backward is faster than autograd through these ops.
+    backward is faster than autograd through these ops. (docs/experiments.md, "Speed", has the
+    measurements behind keeping this path.)
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +222,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         # Channels-last (NHWC) weights and activations let oneDNN's CPU convolutions skip their
-        # layout reorders: a denoising pass ~17 % faster on 2 cores (training about the same).
+        # layout reorders (docs/experiments.md, "Speed").
         self.to(memory_format=torch.channels_last)
 
     @property

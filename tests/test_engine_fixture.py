@@ -16,8 +16,8 @@ import torch
 
 from common.checkpoint import save_checkpoint
 from common.ema import make_ema
+from common.tensor import randn
 from ddpm.config import load_model
-from ddpm.diffusion import randn
 from ddpm.samplers import SamplerSpec, sample
 from ddpm.train import TrainState, train_step
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -35,6 +36,20 @@ def test_output_shape_equals_input_shape():
         model = UNet(cfg)
         x = torch.randn(3, 1, 28, 28)
         assert model(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])).shape == x.shape
+
+
+def test_timestep_embedding_is_the_sinusoid_of_vaswani_et_al():
+    # Vaswani et al. 2017, section 3.5, as Ho et al. 2020 use it: with half = dim / 2 frequencies
+    # w_i = 10000^(-i / half), emb[t] = [sin(t w_0), ..., sin(t w_{half-1}), cos(t w_0), ...].
+    dim, ts = 10, [0, 1, 7, 500, 999]
+    emb = timestep_embedding(torch.tensor(ts), dim)
+    for row, t in enumerate(ts):
+        for i in range(dim // 2):
+            w = 10000.0 ** (-i / (dim // 2))
+            assert emb[row, i].item() == pytest.approx(math.sin(t * w), abs=1e-4)
+            assert emb[row, dim // 2 + i].item() == pytest.approx(math.cos(t * w), abs=1e-4)
+    odd = timestep_embedding(torch.tensor(ts), dim + 1)
+    assert torch.equal(odd[:, :dim], emb) and not odd[:, dim].any()  # an odd width pads a zero
 
 
 def test_timestep_embedding_differs_between_steps():

@@ -15,6 +15,7 @@ a probability over the 256 pixel levels: its bits/dim are not comparable with th
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from common.runtime import count_params, pick_device
 from common.samples import save_samples
 from common.score import score
 from vaegen.elbo import evaluate_bounds
+from vaegen.model import VAE
 from vaegen.sample import generate, load_vae, sample_labels
 from vaegen.train import TrainConfig
 
@@ -39,6 +41,10 @@ BERNOULLI_NOTE = (
     "that model, not a probability over 256 pixel levels, so not comparable with a discrete "
     "bits/dim such as the DDPM's VLB"
 )
+
+# Which loss.csv columns `common.compare` plots for a VAE run.
+CURVE = {"x": "epoch", "y": ["train_neg_elbo_nats", "test_neg_elbo_nats"],
+         "ylabel": "negative ELBO (nats per image)", "logy": False}  # fmt: skip
 
 
 def build_parser() -> ArgumentParser:
@@ -93,21 +99,10 @@ def sampling_seconds_per_100(model: torch.nn.Module, y: torch.Tensor | None, rep
     return sorted(times)[len(times) // 2]
 
 
-@user_errors
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = build_parser().parse_args(argv)
-    run = Path(a.run)
-    if not run.is_dir():
-        raise UserError(f"--run {run} is not a run directory")
-    device = pick_device(a.device)
-    ckpt = load_checkpoint(run, "vae")
-    model = load_vae(run, device)
-    judge = load_judge(a.classifier, a.data_dir)  # before the slow part: fails fast without data
-    started = time.perf_counter()
-    name = "cvae" if model.conditional else "vae"
+def test_likelihood(model: VAE, a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The bounds on -log p(x) over the first --test-n test images: the one-sample negative ELBO
+    and its terms, and the negative IWAE bound with --iwae-k samples, with what metrics.json says."""
     dims = model.config.data_dim
-
-    # likelihood bounds on the test set
     x_test, y_test = load_mnist(train=False, data_dir=a.data_dir, image_size=model.config.image_size)
     n_test = min(a.test_n or len(x_test), len(x_test))
     x = to_unit(x_test[:n_test]).reshape(n_test, -1).to(device)
@@ -133,10 +128,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds=time.perf_counter() - t0,
         note=BERNOULLI_NOTE,
     )
+    return likelihood
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = build_parser().parse_args(argv)
+    run = Path(a.run)
+    if not run.is_dir():
+        raise UserError(f"--run {run} is not a run directory")
+    device = pick_device(a.device)
+    ckpt = load_checkpoint(run, "vae")
+    model = load_vae(run, device)
+    judge = load_judge(a.classifier, a.data_dir)  # before the slow part: fails fast without data
+    started = time.perf_counter()
+    name = "cvae" if model.conditional else "vae"
+
+    likelihood = test_likelihood(model, a, device)
     print(
         f"{name}: test -ELBO {likelihood['neg_elbo_nats']:.2f} nats"
         + (f", -IWAE(k={a.iwae_k}) {likelihood['neg_iwae_nats']:.2f} nats" if a.iwae_k else "")
-        + f" ({n_test} images, {likelihood['seconds']:.0f} s)",
+        + f" ({likelihood['test_n']} images, {likelihood['seconds']:.0f} s)",
         file=sys.stderr,
         flush=True,
     )
@@ -171,12 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples_file": "samples.npz",
         "samples": sample_metrics,
         "judge": judge_summary(judge),
-        "curve": {
-            "x": "epoch",
-            "y": ["train_neg_elbo_nats", "test_neg_elbo_nats"],
-            "ylabel": "negative ELBO (nats per image)",
-            "logy": False,
-        },
+        "curve": CURVE,
         "eval_seconds": time.perf_counter() - started,
     }
     write_json(run / "metrics.json", metrics)

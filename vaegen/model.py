@@ -79,8 +79,8 @@ class VAE(nn.Module):
         """Set the decoder's output bias to the data's log-odds, logit(mean pixel).
 
         The untrained decoder then predicts the average digit, so the first steps fit shapes
-        rather than the overall grey level (measured: -0.16 nats after 20 epochs; the weights
-        keep PyTorch's default init, which beat He-normal here). pixel_mean: [784] in [0, 1].
+        rather than the overall grey level (docs/experiments.md, "The VAE"). The weights keep
+        PyTorch's default init. pixel_mean: [784] in [0, 1].
         """
         self.dec_logits.bias.copy_(torch.logit(pixel_mean.clamp(1e-3, 1 - 1e-3)))
 

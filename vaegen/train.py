@@ -134,7 +134,7 @@ def train(
     model = VAE(cfg.model).to(d.device)
     if cfg.init == "data-bias":
         model.init_output_bias(x_train.mean(0))
-    # fused: one kernel for the whole update; on 2 CPU cores that is ~25% of an epoch saved
+    # fused: one kernel for the whole update, not one per tensor (docs/experiments.md, "The VAE")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=d.device.type in ("cpu", "cuda"))
     if ckpt:
         model.load_state_dict(ckpt["model"])
