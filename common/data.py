@@ -1,10 +1,11 @@
 """MNIST, held in memory as uint8 tensors, and the pixel-range conventions.
 
-Where the files are looked for, in order: `--data-dir`, `$MNIST_DIR`, `./data`. Each is a
-torchvision root, i.e. the four raw IDX files sit in `<root>/MNIST/raw/`. If none has them,
-we try to download into the first candidate; if that fails, a UserError names what was
-searched. The whole split is one uint8 tensor [N, 1, H, W] and batches are index slices:
-on 2 CPU cores a per-item DataLoader with PIL transforms would cost more than a VAE epoch.
+Where the files are looked for: in `--data-dir` if it is given, else in `$MNIST_DIR`, then
+`./data`. Each is a torchvision root, i.e. the four raw IDX files sit in `<root>/MNIST/raw/`.
+If none has them, we try to download into the first candidate; if that fails, a UserError
+names the folders searched and the four files. The whole split is one uint8 tensor
+[N, 1, H, W] and batches are index slices: on 2 CPU cores a per-item DataLoader with PIL
+transforms would cost more than a VAE epoch.
 
 Pixel conventions (conversions live here only): uint8 0..255; the VAE sees [0, 1]
 (`to_unit`), the DDPM sees [-1, 1] (`to_signed`).
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from common.cli import UserError
 
+DATA_DIR_HELP = "DIR holding MNIST/raw/ (default: $MNIST_DIR, else ./data)"  # every --data-dir flag
 RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -31,9 +33,11 @@ RAW_FILES = (
 
 
 def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:
-    """The roots searched, highest priority first: --data-dir, $MNIST_DIR, ./data."""
-    dirs = [data_dir, os.environ.get("MNIST_DIR") or None, "data"]
-    return [Path(d) for d in dirs if d is not None]
+    """Where MNIST is looked for: only `--data-dir` when it is given (it is never silently replaced
+    by another folder); otherwise $MNIST_DIR, then ./data."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    return [Path(d) for d in (os.environ.get("MNIST_DIR") or None, "data") if d is not None]
 
 
 def has_mnist(root: Path) -> bool:
@@ -41,7 +45,8 @@ def has_mnist(root: Path) -> bool:
 
 
 def find_mnist(data_dir: str | Path | None = None, download: bool = True) -> Path:
-    """Return the torchvision root that holds MNIST, downloading it if allowed and possible."""
+    """Return the torchvision root that holds MNIST, downloading it into the first candidate
+    (`--data-dir` if given, else $MNIST_DIR or ./data) if allowed and possible."""
     dirs = candidate_dirs(data_dir)
     for root in dirs:
         if has_mnist(root):
@@ -56,11 +61,11 @@ def find_mnist(data_dir: str | Path | None = None, download: bool = True) -> Pat
             pass  # offline: fall through to the message below
         if has_mnist(dirs[0]):
             return dirs[0]
-    searched = ", ".join(str(d / "MNIST" / "raw") for d in dirs)
+    searched = " or ".join(str(d / "MNIST" / "raw") for d in dirs)
     raise UserError(
-        f"MNIST not found (searched {searched}; download {'failed' if download else 'off'}). "
-        f"Place the four raw IDX files {', '.join(RAW_FILES)} in <dir>/MNIST/raw/ and pass "
-        "--data-dir <dir> or set MNIST_DIR=<dir>"
+        f"MNIST not found in {searched} (download {'failed' if download else 'off'}). Put the four "
+        f"raw IDX files {', '.join(RAW_FILES)} in DIR/MNIST/raw/ and pass --data-dir DIR "
+        "(or set MNIST_DIR=DIR)"
     )
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from common.checkpoint import save_checkpoint, write_json
 from common.cli import ArgumentParser, UserError, positive_int, user_errors
-from common.data import batch_indices, load_mnist, to_unit
+from common.data import DATA_DIR_HELP, batch_indices, load_mnist, to_unit
 from common.metrics import (
     NUM_CLASSES,
     accuracy,
@@ -266,7 +266,7 @@ def judge_summary(judge: Judge) -> dict[str, Any]:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m common.judge", description=__doc__)
-    p.add_argument("--data-dir", default=None, help="MNIST root (else $MNIST_DIR, else ./data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--out", default=str(DEFAULT_DIR), help="classifier directory")
     p.add_argument("--epochs", type=positive_int, default=JudgeConfig.epochs)
     p.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from common.cli import ArgumentParser, UserError, positive_int, user_errors
-from common.data import to_unit
+from common.data import DATA_DIR_HELP, to_unit
 from common.judge import DEFAULT_DIR, Judge, judge_summary, load_judge
 from common.metrics import (
     NUM_CLASSES,
@@ -128,7 +128,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m common.score", description=__doc__)
     p.add_argument("samples", help="samples file (.npz: images uint8 [N, 28, 28], labels int64 [N])")
     p.add_argument("--classifier", default=str(DEFAULT_DIR), help="judge directory (trained if absent)")
-    p.add_argument("--data-dir", default=None, help="MNIST root (else $MNIST_DIR, else ./data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--k", type=positive_int, default=3, help="k of the k-NN manifolds")
     return p
 

@@ -34,8 +34,9 @@ def tile(images: torch.Tensor, nrow: int = 10, pad: int = 2, pad_value: float = 
     return F.pad(grid, (0, pad, 0, pad), value=pad_value)  # the right and bottom gutters
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
-    """Save images as one PNG grid.
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int = 2, scale: int = 1) -> None:
+    """Save images as one PNG grid, each pixel drawn as scale x scale pixels (for figures that must
+    be readable at their native size, as on a web page).
 
     images: uint8 [N, H, W] or [N, 1, H, W] in 0..255, or float in [0, 1].
     """
@@ -46,12 +47,13 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, pad: int =
     grid = (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # rounded, so uint8 input round-trips
     if grid.shape[-1] == 1:
         grid = grid.expand(-1, -1, 3)  # grey as RGB: the PNG shows the values, not a colour map
+    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     mpimg.imsave(str(path), grid.contiguous().numpy())
 
 
 def save_digit_grid(
-    images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_digit: int | None = None
+    images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_digit: int | None = None, scale: int = 1
 ) -> None:
     """One row per digit 0..9 (images grouped by label), up to `per_digit` per row."""
     if images.dim() == 3:
@@ -63,7 +65,7 @@ def save_digit_grid(
     for r in rows:
         r = r[:width]
         padded.append(torch.cat([r, blank.expand(width - len(r), *blank.shape[1:])]))
-    save_grid(torch.cat(padded), path, nrow=width)
+    save_grid(torch.cat(padded), path, nrow=width, scale=scale)
 
 
 def plot_curves(

@@ -16,6 +16,7 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from common.config import from_dict, nested, option
+from common.data import DATA_DIR_HELP
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedule import SCHEDULES, make_betas
 from ddpm.unet import UNet, UNetConfig
@@ -49,7 +50,7 @@ class DDPMConfig:
     seed: int = option(0, "seeds the initial weights, the data order and the noise")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", resume="flag")
     compile: bool = option(False, "torch.compile the UNet (helps on GPU)", resume="flag")
-    data_dir: str | None = option(None, "MNIST root (else $MNIST_DIR, else ./data)", str, resume="flag")
+    data_dir: str | None = option(None, DATA_DIR_HELP, str, resume="flag")
     log_every: int = option(50, "steps per loss.csv row", positive_int, resume="flag")
     sample_every: int = option(
         0, "steps between sample grids (0: at each epoch end)", nonneg_int, resume="flag"

@@ -33,7 +33,7 @@ import torch
 from common.checkpoint import write_json
 from common.cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, user_errors
 from common.config import add_flags, from_args
-from common.data import load_mnist, to_signed
+from common.data import DATA_DIR_HELP, load_mnist, to_signed
 from common.figures import plot_frontier
 from common.judge import judge_summary, load_judge
 from common.metrics import GOAL
@@ -110,7 +110,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--classifier", default=None, help="judge directory (default results/classifier; trained if absent)"
     )
-    p.add_argument("--data-dir", default=None, help="MNIST root (else $MNIST_DIR, else ./data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights, not the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -187,13 +187,13 @@ def test_pixel_conversions_round_trip_all_levels():
 def test_candidate_dirs_order(monkeypatch):
     assert candidate_dirs(None) == [Path("data")]
     monkeypatch.setenv("MNIST_DIR", "/env/mnist")
-    assert candidate_dirs("/flag") == [Path("/flag"), Path("/env/mnist"), Path("data")]
+    assert candidate_dirs("/flag") == [Path("/flag")]  # a --data-dir is the only place looked in
     assert candidate_dirs(None) == [Path("/env/mnist"), Path("data")]
     monkeypatch.setenv("MNIST_DIR", "")  # empty means unset
     assert candidate_dirs(None) == [Path("data")]
 
 
-def test_search_order_flag_then_env_then_cwd_data(monkeypatch, tmp_path):
+def test_search_order_flag_else_env_then_cwd_data(monkeypatch, tmp_path):
     flag = write_fake_mnist(tmp_path / "flag", n_train=20, n_test=2)
     env = write_fake_mnist(tmp_path / "env", n_train=30, n_test=3)
     write_fake_mnist(Path.cwd() / "data", n_train=40, n_test=4)  # ./data in the test's cwd
@@ -204,7 +204,8 @@ def test_search_order_flag_then_env_then_cwd_data(monkeypatch, tmp_path):
 
     assert n_train(flag) == 20  # --data-dir wins
     assert n_train(None) == 30  # then $MNIST_DIR
-    assert n_train(tmp_path / "empty") == 30  # a --data-dir without the files falls through
+    with pytest.raises(UserError, match="empty"):  # a --data-dir without the files is an error,
+        n_train(tmp_path / "empty")  # not $MNIST_DIR's or ./data's files
     monkeypatch.delenv("MNIST_DIR")
     assert n_train(None) == 40  # then ./data
     assert find_mnist(None, download=False) == Path("data")
@@ -219,11 +220,14 @@ def test_missing_data_names_searched_dirs_and_files(monkeypatch, tmp_path):
         load_mnist(True, partial, download=False)
     msg = str(info.value)
     assert "\n" not in msg
-    for d in (partial, tmp_path / "envdir", Path("data")):
-        assert str(d / "MNIST" / "raw") in msg
+    assert str(partial / "MNIST" / "raw") in msg and str(tmp_path / "envdir") not in msg
     for name in RAW_FILES:
         assert name in msg
     assert "--data-dir" in msg and "MNIST_DIR" in msg
+    with pytest.raises(UserError) as info:  # without --data-dir: $MNIST_DIR, then ./data
+        load_mnist(True, None, download=False)
+    for d in (tmp_path / "envdir", Path("data")):
+        assert str(d / "MNIST" / "raw") in str(info.value)
 
 
 def test_missing_data_with_download_fails_cleanly_offline(tmp_path, offline):

@@ -1,10 +1,9 @@
-"""Every tutorial runs end to end with --quick on synthetic data and writes its figures.
+"""Every tutorial runs end to end with --quick --synthetic and writes its figures.
 
 Each one runs as a subprocess, the way a reader runs it, from an empty temporary working
-directory and without $MNIST_DIR, so that it falls back to the tiny synthetic MNIST of
-`common.data.write_fake_mnist`. A tutorial's own checks (`claim`/`check` in
-tutorials/_common.py) stop it with a non-zero exit status when a number is off, so a zero
-exit also means every printed claim held.
+directory, without $MNIST_DIR, on the tiny synthetic MNIST of `tests/fake_mnist.py`. A
+tutorial's own checks (`claim`/`check` in tutorials/_common.py) stop it with a non-zero exit
+status when a number is off, so a zero exit also means every printed claim held.
 """
 
 import os
@@ -29,7 +28,7 @@ def test_tutorial_runs_quick_and_writes_figures(script: Path, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "MNIST_DIR"}
     env["MPLBACKEND"] = "Agg"
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(out)],
+        [sys.executable, str(script), "--quick", "--synthetic", "--out", str(out)],
         cwd=work,
         env=env,
         capture_output=True,
@@ -47,3 +46,15 @@ def test_tutorial_runs_quick_and_writes_figures(script: Path, tmp_path: Path):
     }
     assert printed == {str(p) for p in pngs}, "every figure announced is written, and only those"
     assert not list(work.iterdir()), "nothing is written into the working directory"
+
+
+def test_a_tutorial_without_mnist_stops_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS[0]), "--quick", "--data-dir", str(empty), "--out", str(tmp_path)],
+        env={**{k: v for k, v in os.environ.items() if k != "MNIST_DIR"}, "MPLBACKEND": "Agg"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and str(empty / "MNIST" / "raw") in err[0] and "--synthetic" in err[0]

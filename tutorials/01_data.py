@@ -152,9 +152,12 @@ tut.save(fig, "pixel_statistics.png")
 # The uint8 images are converted once, at the model's door, and only by `common.data`:
 #
 # * VAE: `to_unit`, x / 255 in [0, 1], read as Bernoulli probabilities.
-# * DDPM: `to_signed`, x / 127.5 - 1 in [-1, 1], centred on 0 with the same scale as the
-#   N(0, I) noise it is mixed with, so that x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps
-#   keeps unit variance throughout (Ho et al. 2020, section 3.3).
+# * DDPM: `to_signed`, x / 127.5 - 1 in [-1, 1], the range of the N(0, I) noise it is mixed
+#   with, so that the reverse process works on consistently scaled inputs (Ho et al. 2020,
+#   section 3.3). Not at unit variance, though: MNIST in [-1, 1] has mean -0.74 and standard
+#   deviation 0.62 (checked below), so each pixel of x_t = sqrt(alpha_bar) x_0 +
+#   sqrt(1 - alpha_bar) eps has variance 0.38 alpha_bar + (1 - alpha_bar), rising from the
+#   data's 0.38 to the noise's 1 along the chain.
 #
 # One grey level is 1/255 wide in [0, 1] and 2/255 = 1/127.5 wide in [-1, 1]; that second
 # number returns in tutorial 04, where it fixes the cosine schedule's offset s. Both maps are
@@ -171,6 +174,10 @@ claim("unit_to_uint8(to_unit(x)) == x for every pixel", torch.equal(unit_to_uint
 claim("signed_to_uint8(to_signed(x)) == x for every pixel", torch.equal(signed_to_uint8(s), x))
 levels_signed = to_signed(torch.arange(256, dtype=torch.uint8))
 check("one grey level in [-1, 1]", levels_signed[1] - levels_signed[0], 1 / 127.5, 1e-6, "1/127.5")
+if not tut.synthetic:
+    everything = to_signed(x_train)
+    print(f"    all training pixels in [-1, 1]: mean {everything.mean():.3f}, std {everything.std():.3f}")
+    claim("the DDPM's data are far from unit variance: std below 0.65", everything.std() < 0.65)
 
 fig, axes = plt.subplots(1, 3, figsize=(10, 3))
 for ax, img, title, (lo, hi) in zip(
@@ -187,4 +194,14 @@ for ax, img, title, (lo, hi) in zip(
 fig.suptitle(f"one training digit (label {int(y_train[0])}) in the three ranges", fontsize=10)
 tut.save(fig, "conventions.png")
 
-print("\ndone: the VAE tutorials (02, 03) use to_unit, the diffusion tutorials (04-07) use to_signed.")
+print("\ndone: the VAE tutorials (02, 03) use to_unit, the diffusion tutorials (04-09) use to_signed.")
+
+# %% [markdown]
+# ## Exercises
+# 1. Which digit has the most ink? Compute the mean pixel value per class from `x_train` and
+#    `y_train`; check your answer against the class means in the figure of step 3.
+# 2. How "binary" is MNIST? Count the share of pixels that are 0 or 255 exactly; then with
+#    values in [0, 10] or [245, 255]. Compare with the histogram of step 4.
+# 3. Verify the variance of step 5: take 1000 training digits through `to_signed`, noise them
+#    to alpha_bar = 0.5 (x_t = sqrt(0.5) x_0 + sqrt(0.5) eps), and compare the variance of all
+#    the pixel values of x_t with 0.38 * 0.5 + 0.5.

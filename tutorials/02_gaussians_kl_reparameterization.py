@@ -52,7 +52,8 @@ F64 = torch.float64
 #
 # The definition, KL = E_q[log q(z) - log p(z)], is an expectation, so it can also be
 # estimated by sampling. Both must agree; the closed form is exact and noise-free, which is
-# why the VAE uses it (the paper's estimator B, eq. 10, rather than A, eq. 7).
+# why the VAE uses it (the paper's estimator B, eq. 7, rather than A, eq. 6; eq. 10 is B for
+# a Gaussian q and prior).
 
 # %%
 step(1, "KL of two 20-dimensional diagonal Gaussians: closed form vs Monte Carlo")
@@ -354,3 +355,13 @@ check(
     "-ELBO - (reconstruction + KL), max", (terms.neg_elbo - terms.recon_nll - terms.kl).abs().max(), 0, 1e-9
 )
 print("\ndone: tutorial 03 trains this model and follows both terms.")
+
+# %% [markdown]
+# ## Exercises
+# 1. Set q equal to p in step 1 (`mu_q = mu_p`, `logvar_q = logvar_p`): the closed form gives
+#    exactly 0. How far from 0 is the Monte Carlo estimate with 1,000 and with 100,000 samples?
+#    Its error should shrink about 10-fold (1 / sqrt(n)).
+# 2. In step 2, draw ten times more samples for both gradient estimators and check that the
+#    spread of each falls by about sqrt(10); which one needs fewer samples for the same spread?
+# 3. For a grey pixel x = 0.5, find the logit that maximises `bernoulli_log_prob(x, logit)` by
+#    evaluating it on `torch.linspace(-5, 5, 101)`: is the best value a probability of 1?

@@ -412,3 +412,11 @@ ax2.set_ylabel("z_2")
 ax2.set_title("decoder means over the dashed square", fontsize=10)
 tut.save(fig, "latent_2d.png")
 print("\ndone: tutorials 04-07 turn to the diffusion model; 08 compares it with this VAE.")
+
+# %% [markdown]
+# ## Exercises
+# 1. Train with `VAEConfig(latent_dim=5)` through `train` of step 2 and compare its final
+#    reconstruction and KL terms with the 20-dimensional model's: which term moves, and why?
+# 2. Skip `model.init_output_bias` in step 1 and compare the -ELBO after the first epoch.
+# 3. Run the project's command, `uv run python -m vaegen.train --epochs 5 --out results/vae_e5
+#    --data-dir DIR`, and compare its test -ELBO at epoch 5 (`loss.csv`) with step 2's curve.

@@ -49,9 +49,10 @@ F64 = torch.float64
 # The useful way to compare them is the signal-to-noise ratio of x_t,
 # SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The linear schedule drives it down quickly: by the
 # middle of the chain almost no signal is left, and the last quarter of the steps are spent
-# on what is already nearly pure noise. The cosine schedule makes log SNR fall almost linearly
-# in t (log SNR = 2 log cot of an angle that grows linearly), so every stretch of steps does a
-# comparable amount of destruction.
+# on what is already nearly pure noise. The cosine schedule makes log SNR = 2 log cot(theta_t)
+# with an angle theta_t that grows linearly in t: log SNR falls steadily through the middle
+# half of the chain (from 1.7 at t = T/4 to -1.8 at 3T/4) and steeply at both ends (10 at
+# t = 1, -13 at t = T), so no long stretch of steps is spent on nearly pure noise.
 
 # %%
 step(1, "linear vs squared-cosine schedule")
@@ -260,3 +261,12 @@ ax2.legend(fontsize=8, loc="upper left")
 ax2.grid(alpha=0.3, which="both")
 tut.save(fig, "cosine_constants.png")
 print("\ndone: tutorial 05 runs this chain backwards.")
+
+# %% [markdown]
+# ## Exercises
+# 1. Find the step where SNR(t) = 1 (alpha_bar_t = 0.5) for both schedules from `alpha_bar`,
+#    and check it against the figure of step 1.
+# 2. Build `cosine_betas(T, s=0.0)` and compare sqrt(beta_1) with one grey level, 1/127.5: what
+#    does step 3's argument predict?
+# 3. Noise one digit to t = 500 a thousand times with `q_sample` and check that the mean image is
+#    sqrt(alpha_bar_500) times the digit and the per-pixel variance 1 - alpha_bar_500.

@@ -487,3 +487,13 @@ for ax in (ax1, ax2):
     ax.grid(alpha=0.3, which="both")
 tut.save(fig, "vlb_terms.png")
 print("\ndone: tutorial 06 builds the network that replaces the oracle on MNIST.")
+
+# %% [markdown]
+# ## Exercises
+# 1. In step 5, replace DDPM by DDIM with eta = 1 (`SamplerSpec("ddim", S, "uniform",
+#    sigma_min=None, guidance=0.0, guidance_interval=None, eta=1.0, clip=False)`): the spreads
+#    must match DDPM's, because the respaced ancestral step is DDIM's eta = 1 step.
+# 2. Add DPM-Solver++(2M) (`plain("dpm2m", S)`) to step 5: at 5 and 10 steps, is its spread closer
+#    to the data's than DDIM's? (Tutorial 09 explains why.)
+# 3. Scale the oracle's eps by 1.05 in step 3 and sample with DDPM: does the spread of the
+#    samples grow or shrink?

@@ -14,17 +14,17 @@
 # and where the parameters and the FLOPs are (torch.utils.flop_counter).
 #
 # Run: `uv run python tutorials/06_unet.py [--out DIR] [--quick] [--data-dir DIR]`. If a trained
-# run exists in `results/ddpm/` (tutorial 07 or `ddpm-train`), its weights are used; otherwise a
-# freshly initialised network.
+# run exists, in `results/ddpm/` (`python -m ddpm.train`) or where tutorial 07 writes its run
+# (`results/tutorials/07_train_and_sample/run/`), its weights are used; otherwise a freshly
+# initialised network.
 
 # %%
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from _common import check, claim, setup, step
+from _common import REPO, check, claim, setup, step
 from einops import rearrange
 from matplotlib.colors import PowerNorm
 from torch import nn
@@ -41,13 +41,15 @@ from ddpm.unet import Attention, ResBlock, UNet, UNetConfig
 tut = setup("06_unet", "embeddings, shapes, an attention map, parameters and FLOPs of the UNet")
 torch.set_grad_enabled(False)  # inspection only
 
-run = Path("results/ddpm")
-if (run / "checkpoint.pt").is_file():
+# A trained run, if there is one: `python -m ddpm.train`'s, or the one tutorial 07 trains.
+RUNS = (REPO / "results" / "ddpm", REPO / "results" / "tutorials" / "07_train_and_sample" / "run")
+run = next((r for r in RUNS if (r / "checkpoint.pt").is_file()), None)
+if run is not None:
     model, _, _ = load_model(run, torch.device("cpu"))
     print(f"    using the trained weights in {run}")
 else:
     model = UNet(UNetConfig()).eval()
-    print("    using a freshly initialised UNet (no results/ddpm/checkpoint.pt here)")
+    print(f"    using a freshly initialised UNet (no checkpoint.pt in {' or '.join(map(str, RUNS))})")
 cfg = model.config
 print(f"    config: {cfg}")
 
@@ -346,3 +348,13 @@ for ax in (ax1, ax2):
     ax.grid(axis="x", alpha=0.3)
 tut.save(fig, "params_flops.png")
 print("\ndone: tutorial 07 trains this network on MNIST and samples with it.")
+
+# %% [markdown]
+# ## Exercises
+# 1. Predict the parameter count of `UNetConfig(base_channels=32)` from section 5 (a convolution's
+#    parameters grow with channels squared), then check it with `count_params(UNet(...))`.
+# 2. Remove attention (`UNetConfig(attention_levels=())`) and measure how much of the FLOPs and
+#    parameters it held, with the same `FlopCounterMode` as section 5.
+# 3. Time the configurations the project compared with `uv run python -m ddpm.bench --candidates`
+#    and compare their ms per pass with their GFLOP per image: which layout uses the CPU best?
+

@@ -6,11 +6,14 @@
 # MNIST and looks at what it learned: the loss at each noise level, a sample being denoised step
 # by step, what classifier-free guidance does, and how few steps a sampler can get away with.
 #
-# Training is one call to the project's command, `ddpm.train.main(argv)` (Ho et al. 2020,
-# Algorithm 1, with the label dropped 10% of the time for guidance), here with a smaller UNet
-# for one epoch, a few minutes on a laptop CPU. Its run directory (`<out>/run/`: config,
-# checkpoint, loss.csv, sample grids) is kept, so `uv run python -m ddpm.sample --run <out>/run`
-# works on it afterwards. The digits of so short a run are recognisable but far from the best
+# Both algorithms of Ho et al. 2020 are written out here as a few lines over the library's
+# functions, and checked against what the project runs: Algorithm 1 (one training step)
+# against `ddpm.train.train_step`, Algorithm 2 (ancestral sampling) against
+# `ddpm.samplers.sample`. Training itself is one call to the project's command,
+# `ddpm.train.main(argv)`, here with a smaller UNet for one epoch, a few minutes on a laptop CPU.
+# Its run directory (`<out>/run/`: config, checkpoint, loss.csv, sample grids) is kept, so
+# `uv run python -m ddpm.sample --run <out>/run` works on it afterwards, and tutorials 06 and 09
+# find it there. The digits of so short a run are recognisable but far from the best
 # this project gets; a full run (`uv run python -m ddpm.train`, 6 epochs or 30 minutes on 2 CPU
 # cores, whichever comes first) writes `results/ddpm/`, and `--run results/ddpm` makes this
 # tutorial use it instead.
@@ -31,10 +34,12 @@ from _common import REPO, check, claim, setup, step
 from common import viz
 from common.checkpoint import read_csv
 from common.data import signed_to_uint8, to_signed
+from common.ema import make_ema
 from common.runtime import count_params
-from ddpm.config import load_model
+from ddpm.config import DDPMConfig, build_model, load_model
 from ddpm.sample import generate
 from ddpm.samplers import Denoiser, SamplerSpec, sample
+from ddpm.train import TrainState, train_step
 from ddpm.train import main as ddpm_train
 from ddpm.unet import UNetConfig
 
@@ -65,26 +70,85 @@ def knn_judge(reference: torch.Tensor, labels: torch.Tensor, k: int = 5):
 
 
 # %% [markdown]
-# ## 1. Train (or load) the model
+# ## 1. Algorithm 1, written out
+# One training step of Ho et al. 2020, Algorithm 1, with the label dropped to the "no label"
+# class 10 % of the time (Ho & Salimans 2022, Algorithm 1), so that the same network learns
+# p(x | y) and p(x) for guidance:
+#
+#     x_0, y ~ data;  y = null with probability 0.1;  t ~ Uniform({1, ..., T});  eps ~ N(0, I)
+#     gradient step on  || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t, y) ||^2
+#
+# `algorithm_1_step` below is exactly that, over the library's `q_sample` (Ho et al. eq. 4) and
+# `eps_loss` (eq. 14). `ddpm.train.train_step`, the step `python -m ddpm.train` runs, adds two
+# things to it: gradient-norm clipping and an update of the weights' moving average (EMA),
+# which is what we sample with. With clipping off, both must leave the same weights when they
+# start from the same weights and the same seed; the check below runs both.
+
+# %%
+step(1, "Algorithm 1 as five lines, against ddpm.train.train_step")
+P_UNCOND = 0.1
+
+
+def algorithm_1_step(model, opt, diffusion, x0, y):
+    """One step of Algorithm 1 (Ho et al. 2020) with the label drop of Ho & Salimans 2022."""
+    drop = torch.rand(y.shape) < P_UNCOND  # y = null with probability 0.1
+    y = torch.where(drop, torch.full_like(y, model.null_label), y)
+    t = torch.randint(0, diffusion.T, (len(x0),))  # t ~ Uniform({1, ..., T}) (0-based here)
+    eps = torch.randn_like(x0)  # eps ~ N(0, I)
+    xt = diffusion.q_sample(x0, t, eps)  # sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    loss = diffusion.eps_loss(model(xt, t, y), eps, t).mean()  # || eps - eps_theta(x_t, t, y) ||^2
+    opt.zero_grad()
+    loss.backward()
+    opt.step()  # the gradient step
+    return loss
+
+
+def tiny_model():
+    """A small UNet and its diffusion, with the same initial weights at every call."""
+    torch.manual_seed(0)
+    return build_model(DDPMConfig(unet=UNetConfig(8, (1, 2), blocks_per_level=(0, 1), attention_levels=())))
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+x_probe, y_probe = tut.mnist(train=True)
+x_probe, y_probe = to_signed(x_probe[:16]), y_probe[:16]
+model_a, diffusion_a = tiny_model()
+before = flat(model_a)
+opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-3, weight_decay=0.0)
+torch.manual_seed(1)  # the same draws of labels, t and eps for both
+algorithm_1_step(model_a, opt_a, diffusion_a, x_probe, y_probe)
+model_b, diffusion_b = tiny_model()
+opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-3, weight_decay=0.0)
+torch.manual_seed(1)
+state = TrainState(model_b, model_b, make_ema(model_b, 0.999, warmup=True), opt_b, diffusion_b)
+train_step(state, x_probe, y_probe, lr=1e-3, p_uncond=P_UNCOND, snr_gamma=0, grad_clip=0)
+print(f"    one step moved the weights by up to {(flat(model_a) - before).abs().max():.1e}")
+check("largest weight difference, written out vs train_step", (flat(model_a) - flat(model_b)).abs().max(),
+      0, 1e-7)  # fmt: skip
+
+# %% [markdown]
+# ## 2. Train (or load) the model
 # The UNet here is the project's default layout (tutorial 06) with narrower levels, 16/32/64
-# channels instead of 16/48/96: 0.55 M parameters instead of 1.18 M, and half the FLOPs (0.085
+# channels instead of 16/48/96: 0.55 M parameters instead of 1.2 M, and half the FLOPs (0.085
 # GFLOP per image). It trains for one epoch (468 steps of 128 images): AdamW at 2e-3 after a
-# short warm-up, cosine decay, gradient clipping, and an exponential moving average (EMA) of
-# the weights, which is what we sample with.
+# short warm-up, cosine decay, gradient clipping, and the EMA of the weights.
 #
 # The loss is L_simple, the mean squared error of the predicted noise (Ho et al. eq. 14), at a
 # t drawn uniformly from 1..T. (The project's default run weights each t's term by
-# min(SNR_t, 5) / SNR_t, "Min-SNR", which learns faster per CPU minute, see the README; here
-# `--snr-gamma 0` keeps the plain L_simple, so that the logged loss is the eps MSE itself.)
-# A network that outputs zeros scores E[eps^2] = 1 (our UNet starts there: its last layer is
-# initialised to zero). The loss *per t* tells where the work
-# is. At large t, x_t is almost pure noise, so eps ~ x_t and predicting it is easy. At small t,
-# x_t is almost the clean digit and the network must find a faint noise on top of it: on the
-# flat background that is easy, on the strokes it is hard. We measure it on test digits, which
-# training never saw; a test loss close to the training loss means no overfitting.
+# min(SNR_t, 5) / SNR_t, "Min-SNR", which learns faster per CPU minute (docs/experiments.md);
+# here `--snr-gamma 0` keeps the plain L_simple, so that the logged loss is the eps MSE itself;
+# tutorial 09 looks at what Min-SNR changes.) A network that outputs zeros scores E[eps^2] = 1
+# (our UNet starts there: its last layer is initialised to zero). The loss *per t* tells where
+# the work is. At large t, x_t is almost pure noise, so eps ~ x_t and predicting it is easy. At
+# small t, x_t is almost the clean digit and the network must find a faint noise on top of it:
+# on the flat background that is easy, on the strokes it is hard. We measure it on test digits,
+# which training never saw; a test loss close to the training loss means no overfitting.
 
 # %%
-step(1, "train a small DDPM with ddpm.train (or load --run)")
+step(2, "train a small DDPM with ddpm.train (or load --run)")
 x_test_u8, y_test = tut.mnist(train=False)
 x_train_u8, y_train = tut.mnist(train=True)
 small = tut.size(
@@ -183,28 +247,47 @@ for ax in (ax1, ax2):
 tut.save(fig, "training.png")
 
 # %% [markdown]
-# ## 2. One sample, step by step
-# Ancestral sampling (Ho et al. Algorithm 2) from x_T ~ N(0, I), one digit per class, with
-# guidance w = 1 (section 3). `diffusion.sample(..., return_trajectory=True)` returns the input
-# x_t of every step. Beside each x_t we show the network's current guess of the final image,
-# x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t) (tutorial 05, step 2).
+# ## 3. Algorithm 2, written out: one sample, step by step
+# Ancestral sampling (Ho et al. 2020, Algorithm 2) from x_T ~ N(0, I), one digit per class:
+#
+#     x_T ~ N(0, I);  for t = T, ..., 1:  z ~ N(0, I) if t > 1, else z = 0
+#         x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z
+#
+# `algorithm_2` below is that loop over the library's `p_step` (the line above, with sigma_t^2 =
+# beta_tilde_t, Ho et al.'s "fixed small" variance, and x0_hat clipped to [-1, 1]). eps_theta is
+# the guided prediction at w = 1 (section 4), from `ddpm.samplers.Denoiser`, the one place the
+# project applies guidance. `ddpm.samplers.sample` with the ancestral sampler and all T steps
+# must draw the same digits from the same seed; the check below runs both. Beside each x_t we
+# show the network's current guess of the final image, x0_hat = (x_t - sqrt(1 - alpha_bar_t)
+# eps_theta) / sqrt(alpha_bar_t) (tutorial 05, step 2).
 #
 # The guess settles long before x_t looks like anything. At t = T it is speckle: alpha_bar_T is
 # tiny, so dividing by its square root magnifies every error of eps_theta, and clipping to
 # [-1, 1] leaves black and white dots. A hundred steps later it is a blurred digit of the
 # requested class, an average of everything that could still hide in the noise. By the middle
 # of the chain the digit's identity and rough shape are decided: a judge that needs no training
-# (the majority label of the 5 nearest training digits in pixel space; section 3 checks it on
+# (the majority label of the 5 nearest training digits in pixel space; section 4 checks it on
 # real digits) reads the requested digit in the guess, and the guess is close to the final
 # sample. The remaining steps sharpen strokes and edges, the details that live at low noise.
 
 # %%
-step(2, "the denoising trajectory (DDPM, all steps) and the model's guess of x_0 along it")
+step(3, "Algorithm 2 as a loop over p_step, against ddpm.samplers.sample; the trajectory")
 judge = knn_judge(x_train_u8[:10_000], y_train[:10_000])
-W = 1.0  # guidance at every step, for steps 2 and 4 (ddpm.sample guides at 0.5, in an interval)
+W = 1.0  # guidance at every step, in sections 3 and 5 (ddpm.sample guides at 0.5, in an interval)
 SEED = 7
-ddpm_steps = tut.size(diffusion.T, 50)
 y10 = torch.arange(10)
+
+
+@torch.no_grad()
+def algorithm_2(model, diffusion, y, w, g, trajectory):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2), guided with weight w; appends (t, x_t)."""
+    x = torch.randn(len(y), 1, 28, 28, generator=g)  # x_T ~ N(0, I)
+    eps_theta = Denoiser(model, y, diffusion.sigma, guidance=w)  # (1 + w) eps(x, y) - w eps(x, null)
+    for t in reversed(range(diffusion.T)):  # t = T, ..., 1 (0-based: T - 1, ..., 0)
+        trajectory.append((t, x))
+        z = torch.randn(x.shape, generator=g) if t > 0 else None  # no noise at the last step
+        x = diffusion.p_step(eps_theta(x, t), t, x, z)  # x_{t-1} = mu_theta(x_t, t) + sigma_t z
+    return x
 
 
 def plain(sampler: str, steps: int, w: float = W) -> SamplerSpec:
@@ -212,12 +295,17 @@ def plain(sampler: str, steps: int, w: float = W) -> SamplerSpec:
     return SamplerSpec(sampler, steps, "uniform", sigma_min=None, guidance=w, guidance_interval=None)
 
 
+ddpm_steps = diffusion.T
 start = time.perf_counter()
-g = torch.Generator().manual_seed(SEED)
-traj = []  # (t, x_t) at each step, then (-1, x_0)
-xT = torch.randn(10, 1, 28, 28, generator=g)
-x_ddpm = sample(diffusion, model, plain("ddpm", ddpm_steps), xT, y10, g, traj)
+traj = []  # (t, x_t) at each step
+x_ddpm = algorithm_2(model, diffusion, y10, W, torch.Generator().manual_seed(SEED), traj)
 ddpm_seconds = time.perf_counter() - start
+g = torch.Generator().manual_seed(SEED)
+xT = torch.randn(10, 1, 28, 28, generator=g)
+x_library = sample(diffusion, model, plain("ddpm", diffusion.T), xT, y10, g)
+check("largest pixel difference, written-out Algorithm 2 vs ddpm.samplers.sample",
+      (x_ddpm - x_library).abs().max(), 0, 1e-4)  # fmt: skip
+traj.append((-1, x_ddpm))
 guided = Denoiser(model, y10, diffusion.sigma, guidance=W)  # eps~ as the sampler saw it
 picks = torch.linspace(0, len(traj) - 1, 11).round().long().tolist()
 frames, guesses, gap, read = [], [], {}, {}
@@ -254,7 +342,7 @@ fig.suptitle(f"DDPM sampling, {ddpm_steps} steps, guidance w = {W:g}: one digit 
 tut.save(fig, "trajectory.png")
 
 # %% [markdown]
-# ## 3. Classifier-free guidance
+# ## 4. Classifier-free guidance
 # The network was trained both with the label and, 10% of the time, with the null label, so it
 # predicts the noise of p(x | y) and of p(x). Guidance (Ho & Salimans 2022, eq. 6) samples with
 #
@@ -265,15 +353,15 @@ tut.save(fig, "trajectory.png")
 # the same starting noise for each w (DDIM, 50 steps). With w = 0 some digits are ambiguous or
 # malformed; as w grows they turn into clearer members of their class and look more alike:
 # guidance trades diversity for fidelity. (Grey blotches that guidance does not remove are a
-# flaw of the short run's DDIM samples; step 4 comes back to them.)
+# flaw of the short run's DDIM samples; section 5 comes back to them.)
 #
-# To measure "recognisable" we ask the judge of step 2 (5 nearest training digits in pixel
+# To measure "recognisable" we ask the judge of section 3 (5 nearest training digits in pixel
 # space), after checking it on real test digits. It agrees with the requested label more often
 # as w grows, while the spread within a class (the mean distance between two samples of one
 # digit) shrinks.
 
 # %%
-step(3, "guidance strength w = 0, 1, 3: a grid, a judge, and the spread within a class")
+step(4, "guidance strength w = 0, 1, 3: a grid, a judge, and the spread within a class")
 n_judge = tut.size(1000, 64)
 judge_acc = (judge(x_test_u8[:n_judge]) == y_test[:n_judge]).float().mean().item()
 print(f"    the judge (5-NN on 10,000 training digits) on {n_judge} real test digits: {judge_acc:.1%}")
@@ -304,19 +392,16 @@ fig.suptitle(f"classifier-free guidance, DDIM {ddim_fine} steps, the same x_T in
 tut.save(fig, "guidance.png")
 
 # %% [markdown]
-# ## 4. How many steps?
+# ## 5. How many steps?
 # DDIM with eta = 0 (Song et al. 2021) is deterministic: the sample is a function of x_T, and as
 # the number of steps grows it converges to the solution of an ODE (tutorial 05, step 4). So
-# from the same x_T, DDIM with 10, 20 and 50 steps gives nearly the same digit, each closer to
-# the 50-step one, at a fifth and two fifths of its cost. `ddpm.sample` goes one step further:
-# its default, DPM-Solver++(2M) with 10 steps (Lu et al. 2022; `sampler="dpm2m"`), solves the
-# same ODE to second order by extrapolating from the previous step's x0 guess, and at 20 steps
-# scores what DDIM scores at 50 (README, Results). It also picks which 10 of the 1000 noise
-# levels to visit as Karras et al. (2022) do (`spacing="karras"`): more of them at the highest
-# and the lowest noise, which at 10 steps beat evenly spaced ones (README, "Choosing the steps"),
-# and guides only the 3 of them whose noise level lies in (0.28, 5.42] (README, Results).
+# from the same x_T, DDIM with 10, 20 and 50 evenly spaced steps (`spacing="uniform"`) gives
+# nearly the same digit, each closer to the 50-step one, at a fifth and two fifths of its cost.
+# `ddpm.sample` does not stop there: its default is 10 steps of DPM-Solver++(2M), a second-order
+# solver of the same ODE, at steps spaced as Karras et al. 2022 space them, ending at a noise
+# level of 0.1 and guiding only 4 of the 10 steps. Tutorial 09 derives each of these choices.
 #
-# The 1000-step DDPM of step 2 starts from the same x_T but adds fresh noise at every step, so
+# The 1000-step DDPM of section 3 starts from the same x_T but adds fresh noise at every step, so
 # it ends at a different sample of the same class, for 1000 network calls per digit. Its
 # digits are also cleaner here: DDIM leaves grey haze or specks around some digits, DDPM a
 # black background, as in the data. The fresh noise lets the chain undo errors the network made
@@ -328,10 +413,10 @@ tut.save(fig, "guidance.png")
 # lands on t = 0 and it behaves much like DDIM, as tutorial 05 showed.)
 
 # %%
-step(4, f"steps: DDIM {tut.size('10/20/50', '2/5/10')} vs DDPM {ddpm_steps}, all from the same x_T")
+step(5, f"steps: DDIM {tut.size('10/20/50', '2/5/10')} vs DDPM {ddpm_steps}, all from the same x_T")
 xT = torch.randn((10, 1, 28, 28), generator=torch.Generator().manual_seed(SEED))
 claim(
-    "the DDPM trajectory of step 2 started from the same x_T that DDIM draws from this seed",
+    "the DDPM trajectory of section 3 started from the same x_T that DDIM draws from this seed",
     torch.equal(traj[0][1], xT),
 )
 rows_img, labels_row, seconds = [], [], {}
@@ -391,3 +476,15 @@ print(
     f"\ndone: more samples from this model with `uv run python -m ddpm.sample --run {run}`;"
     " tutorial 08 compares it with the VAEs."
 )
+
+# %% [markdown]
+# ## Exercises
+# 1. Add gradient clipping to `algorithm_1_step` (`torch.nn.utils.clip_grad_norm_(model.parameters(),
+#    1.0)` before `opt.step()`) and call `train_step` with `grad_clip=1.0`: the check of section 1
+#    must still pass. Then give `train_step` `snr_gamma=5` and see it fail: Min-SNR reweights the
+#    loss, so the gradient differs.
+# 2. Run `algorithm_2` with `w = 0` and with `w = 3` from the same seed, and count with `judge`
+#    how many of the ten digits it reads as requested; compare with the numbers of section 4.
+# 3. Train for two epochs instead of one (`--epochs 2` in the `argv` of section 2) and compare the
+#    per-t loss curve of `training.png`: which noise levels gain most from the second epoch?
+

@@ -1,16 +1,18 @@
 """Plumbing shared by the numbered tutorials (not a tutorial itself).
 
 Each tutorial begins with `tut = setup("NN_name", "one line on what it teaches")`, which
-parses the three flags every tutorial takes,
+parses the flags every tutorial takes,
 
     --out DIR       where figures go (default: results/tutorials/NN_name/ in the repository)
     --quick         shrink every loop, for CI (seconds instead of a minute or two)
-    --data-dir DIR  a torchvision root holding MNIST/raw/ (else $MNIST_DIR, else ./data)
+    --data-dir DIR  a folder holding MNIST/raw/ (default: $MNIST_DIR, else ./data)
+    --synthetic     use a tiny synthetic stand-in for MNIST (the tests' fake digits)
 
-seeds every RNG, and returns a `Tutorial`. `tut.mnist()` loads MNIST, or a tiny synthetic
-stand-in when none is found (the tutorials never download). `step` prints a numbered step,
-`check` and `claim` print the numbers behind a statement and stop the tutorial if the
-statement is false, and `save` writes a figure. Unknown flags are ignored, so the same file
+seeds every RNG, and returns a `Tutorial`. `tut.mnist()` loads MNIST (downloading it where the
+commands would); without it a tutorial stops with the commands' one-line error, unless
+--synthetic asks for the stand-in, on which every figure is meaningless. `step` prints a
+numbered step, `check` and `claim` print the numbers behind a statement and stop the tutorial
+if the statement is false, and `save` writes a figure. Unknown flags are ignored, so the same file
 also runs as a notebook (Jupyter passes its own `-f kernel.json`).
 """
 
@@ -32,8 +34,6 @@ from common.data import find_mnist, load_mnist
 from common.runtime import seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from fake_mnist import write_fake_mnist  # noqa: E402  (the tests' tiny synthetic MNIST)
 
 try:  # in a notebook, draw figures inline as well as saving them
     _ipython = get_ipython()  # type: ignore[name-defined]  # noqa: F821
@@ -44,6 +44,8 @@ except NameError:
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+if IN_NOTEBOOK:
+    plt.rcParams["figure.dpi"] = 72  # inline figures small enough to keep the notebooks light
 
 @dataclass
 class Tutorial:
@@ -59,27 +61,30 @@ class Tutorial:
         return quick if self.quick else full
 
     def mnist(self, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images uint8 [N, 1, 28, 28], labels long [N]); synthetic if MNIST is absent."""
+        """(images uint8 [N, 1, 28, 28], labels long [N]) of MNIST, or of the --synthetic stand-in."""
         return load_mnist(train=train, data_dir=self.data_root(), download=False)
 
     def data_root(self) -> Path:
         """The torchvision root `mnist()` reads (MNIST, or the synthetic stand-in): the --data-dir
         to hand to a training command (`ddpm.train`, `vaegen.train`) so that it reads the same data."""
-        if self._root is None:
-            try:
-                self._root = find_mnist(self.data_dir, download=False)
-            except UserError:
-                tmp = tempfile.mkdtemp(prefix="fake-mnist-")
-                atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-                self._root = write_fake_mnist(tmp)
-                self.synthetic = True
-                print(
-                    "    note: MNIST not found (--data-dir, $MNIST_DIR, ./data), so this run uses a tiny\n"
-                    "    synthetic stand-in (noise plus a bar whose height encodes the digit). The code\n"
-                    "    runs the same; numbers quoted for real MNIST will not match."
-                )
-            else:
-                print(f"    MNIST from {self._root / 'MNIST' / 'raw'}")
+        if self._root is not None:
+            return self._root
+        if self.synthetic:
+            sys.path.insert(0, str(REPO / "tests"))
+            from fake_mnist import write_fake_mnist  # the tests' tiny synthetic digits
+
+            tmp = tempfile.mkdtemp(prefix="fake-mnist-")
+            atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+            self._root = write_fake_mnist(tmp)
+            print("    --synthetic: a tiny stand-in for MNIST (noise plus a bar whose height encodes the\n"
+                  "    digit). The code runs the same; every figure and number is meaningless.")  # fmt: skip
+            return self._root
+        try:
+            self._root = find_mnist(self.data_dir)
+        except UserError as e:  # the commands' one-line error, and their exit code
+            print(f"error: {e}; or pass --synthetic to run on a tiny stand-in", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"    MNIST from {self._root / 'MNIST' / 'raw'}")
         return self._root
 
     def save(self, fig, filename: str) -> Path:
@@ -98,15 +103,14 @@ def setup(name: str, description: str, argv: list[str] | None = None) -> Tutoria
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=description)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "tutorials" / name)
     parser.add_argument("--quick", action="store_true", help="shrink every loop (seconds, for CI)")
-    parser.add_argument(
-        "--data-dir", default=None, help="folder holding MNIST/raw/ (else $MNIST_DIR, ./data)"
-    )
+    parser.add_argument("--data-dir", default=None, help="DIR holding MNIST/raw/ (default: $MNIST_DIR)")
+    parser.add_argument("--synthetic", action="store_true", help="a tiny stand-in for MNIST (tests)")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     seed_everything(0)
     print(f"{name}: {description}")
     print(f"    figures go to {args.out}{' (quick mode)' if args.quick else ''}")
-    return Tutorial(name=name, out=args.out, quick=args.quick, data_dir=args.data_dir)
+    return Tutorial(name, args.out, args.quick, args.data_dir, synthetic=args.synthetic)
 
 
 def step(n: int, text: str) -> None:

@@ -10,7 +10,8 @@ Writes <run>/metrics.json (and prints it) and <run>/samples.npz, the scored samp
 - sampling time per 100 images, training wall time, images seen, parameter count.
 
 The Bernoulli decoder scores grey levels in [0, 1] as soft targets, so its "likelihood" is not
-a probability over the 256 pixel levels: its bits/dim are not comparable with the DDPM's.
+a probability over the 256 pixel levels (nor a density of grey levels): its bits/dim are not
+comparable with the DDPM's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from common.checkpoint import load_checkpoint, read_csv, write_json
 from common.cli import ArgumentParser, UserError, nonneg_int, positive_int, user_errors
-from common.data import load_mnist, to_unit
+from common.data import DATA_DIR_HELP, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.judge import judge_summary, load_judge
 from common.runtime import count_params, pick_device
@@ -37,9 +38,9 @@ from vaegen.sample import generate, load_vae, sample_labels
 from vaegen.train import TrainConfig
 
 BERNOULLI_NOTE = (
-    "Bernoulli decoder on grey levels in [0, 1] (continuous targets): a bound on a density of "
-    "that model, not a probability over 256 pixel levels, so not comparable with a discrete "
-    "bits/dim such as the DDPM's VLB"
+    "Bernoulli decoder on grey levels in [0, 1] (soft targets): x log p + (1 - x) log(1 - p) of a "
+    "grey x is neither the log-probability of one of 256 pixel levels nor a log density of grey "
+    "levels, so these bits/dim are not comparable with a discrete bound such as the DDPM's VLB"
 )
 
 # Which loss.csv columns `common.compare` plots for a VAE run.
@@ -62,7 +63,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--classifier", default=None, help="judge directory (default results/classifier; trained if absent)"
     )
-    p.add_argument("--data-dir", default=None, help="MNIST root (else $MNIST_DIR, else ./data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws and the bounds' noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return p

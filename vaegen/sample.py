@@ -22,7 +22,7 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.cli import ArgumentParser, UserError, digit, digit_list, positive_int, user_errors
-from common.data import load_mnist, to_unit, unit_to_uint8
+from common.data import DATA_DIR_HELP, load_mnist, to_unit, unit_to_uint8
 from common.runtime import pick_device
 from common.samples import save_samples
 from common.viz import save_grid
@@ -71,7 +71,7 @@ def build_parser() -> ArgumentParser:
         help="also write a latent interpolation strip between test images A and B (indices)",
     )
     p.add_argument("--steps", type=positive_int, default=10, help="points on the interpolation line")
-    p.add_argument("--data-dir", default=None, help="MNIST root for --interpolate (else $MNIST_DIR, ./data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP + ", for --interpolate")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return p
 

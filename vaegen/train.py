@@ -39,7 +39,7 @@ from common.checkpoint import (
 )
 from common.cli import ArgumentParser, positive_float, positive_int, unit_float, user_errors
 from common.config import add_flags, from_args, from_dict, nested, option, resume_config
-from common.data import load_mnist, to_unit
+from common.data import DATA_DIR_HELP, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.runtime import count_params, seed_everything, versions
 from common.training import Loop, lr_factor, open_run_dir, set_lr
@@ -74,7 +74,7 @@ class TrainConfig:
     )  # fmt: skip
     seed: int = option(0, "seeds init, data order and noise")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", resume="flag")
-    data_dir: str | None = option(None, "MNIST root (else $MNIST_DIR, else ./data)", str, resume="flag")
+    data_dir: str | None = option(None, DATA_DIR_HELP, str, resume="flag")
     model: VAEConfig = nested(VAEConfig)
 
     @classmethod
