@@ -10,14 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from common.checkpoint import read_csv  # noqa: E402
-from common.metrics import QualityGoal  # noqa: E402
+import common.viz  # noqa: F401  (selects the Agg backend, once: a notebook may have chosen its own)
+from common.checkpoint import read_csv
+from common.metrics import QualityGoal
 
 MARKERS = "osDx^v<>"
 

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 try:  # in a notebook, draw figures inline as well as saving them
     _ipython = get_ipython()  # type: ignore[name-defined]  # noqa: F821
     _ipython.run_line_magic("matplotlib", "inline")
+    _ipython.run_line_magic("config", "InlineBackend.figure_formats = ['jpeg']")  # keeps notebooks small
     IN_NOTEBOOK = True
 except NameError:
     IN_NOTEBOOK = False

@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="DIR holding MNIST/raw/ (default: $MNIST_DIR)")
     a = p.parse_args()
     if a.data_dir:
-        os.environ["MNIST_DIR"] = str(Path(a.data_dir).resolve())  # the kernel inherits it
+        os.environ["MNIST_DIR"] = str(Path(a.data_dir).absolute())  # the kernel inherits it
     OUT.mkdir(parents=True, exist_ok=True)
     for script in sorted(HERE.glob("[0-9][0-9]_*.py")):
         if a.numbers and script.name[:2] not in a.numbers:
