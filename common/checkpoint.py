@@ -76,6 +76,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
+def existing_run_dir(run: str | Path) -> Path:
+    """`--run` of an evaluate command: a directory that exists (a UserError otherwise)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"--run {run} is not a run directory")
+    return run
+
+
 def resolve_checkpoint(run: str | Path) -> Path:
     """`--run` may name a run directory or a checkpoint file."""
     run = Path(run)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from common.cli import UserError
 
-DATA_DIR_HELP = "DIR holding MNIST/raw/ (default: $MNIST_DIR, else ./data)"  # every --data-dir flag
+DATA_DIR_HELP = "DIR holding MNIST/raw/ (if not given: $MNIST_DIR, else ./data)"  # every --data-dir flag
 RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

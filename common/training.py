@@ -6,7 +6,8 @@
   at a step's end, so the trainer ends on a checkpoint. It resumes a checkpoint at the same place
   in the same shuffled order, also with another number of processes, and seeds each rank's noise.
 - `lr_factor`: linear warm-up, then cosine decay to 0 over the steps the epochs or the budget allow.
-- `open_run_dir`: the run directory, checked and prepared by rank 0 only.
+- `open_run_dir`: the run directory, checked and prepared by rank 0 only; `trainer_parser`: a
+  trainer's command line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from common import distributed
 from common.checkpoint import prepare_run_dir
-from common.cli import UserError
+from common.cli import ArgumentParser, UserError
+from common.config import add_flags
 from common.data import batch_indices
 from common.runtime import rng_state, set_rng_state
 
@@ -48,6 +50,15 @@ def lr_factor(step: int, warmup: int, total: float, time_frac: float = 0.0) -> f
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def trainer_parser(prog: str, description: str, config: type) -> ArgumentParser:
+    """A trainer's command line: one flag per field of its config dataclass, --resume, --overwrite."""
+    p = ArgumentParser(prog=prog, description=description)
+    add_flags(p, config)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    return p
 
 
 def open_run_dir(out: str | Path, d: distributed.Dist, resume: bool, overwrite: bool) -> Path:

@@ -25,13 +25,12 @@ import re
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.checkpoint import write_json
-from common.cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_int, user_errors
+from common.checkpoint import existing_run_dir, write_json
+from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_int, user_errors
 from common.config import add_flags, from_args
 from common.data import DATA_DIR_HELP, load_mnist, to_signed
 from common.figures import plot_frontier
@@ -250,10 +249,7 @@ def measure(
 @user_errors
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
-    run = Path(a.run)
-    if not run.is_dir():
-        raise UserError(f"--run {run} is not a run directory")
-    device = pick_device(a.device)
+    run, device = existing_run_dir(a.run), pick_device(a.device)
     model, diffusion, ckpt = load_model(run, device, use_ema=not a.raw_weights)
     specs = sweep(a, diffusion)
     judge = load_judge(a.classifier, a.data_dir)

@@ -24,12 +24,12 @@ from torch.optim.swa_utils import AveragedModel
 from common import distributed
 from common.checkpoint import append_csv, load_checkpoint, read_csv, save_checkpoint, truncate_csv, write_json
 from common.cli import ArgumentParser, user_errors
-from common.config import add_flags, from_args, resume_config
+from common.config import from_args, resume_config
 from common.data import load_mnist, signed_to_uint8, to_signed
 from common.ema import make_ema
 from common.runtime import count_params, seed_everything, versions
 from common.tensor import randn
-from common.training import Loop, lr_factor, open_run_dir, set_lr
+from common.training import Loop, lr_factor, open_run_dir, set_lr, trainer_parser
 from common.viz import plot_curves, save_digit_grid
 from ddpm.config import DDPMConfig, build_model
 from ddpm.diffusion import GaussianDiffusion
@@ -113,11 +113,7 @@ class LossLog:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m ddpm.train", description=__doc__)
-    add_flags(p, DDPMConfig)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    return p
+    return trainer_parser("python -m ddpm.train", __doc__, DDPMConfig)
 
 
 @user_errors

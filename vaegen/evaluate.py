@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import load_checkpoint, read_csv, write_json
-from common.cli import ArgumentParser, UserError, nonneg_int, positive_int, user_errors
+from common.checkpoint import existing_run_dir, load_checkpoint, read_csv, write_json
+from common.cli import ArgumentParser, nonneg_int, positive_int, user_errors
 from common.data import DATA_DIR_HELP, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.judge import judge_summary, load_judge
@@ -135,10 +135,7 @@ def test_likelihood(model: VAE, a: argparse.Namespace, device: torch.device) -> 
 @user_errors
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
-    run = Path(a.run)
-    if not run.is_dir():
-        raise UserError(f"--run {run} is not a run directory")
-    device = pick_device(a.device)
+    run, device = existing_run_dir(a.run), pick_device(a.device)
     ckpt = load_checkpoint(run, "vae")
     model = load_vae(run, device)
     judge = load_judge(a.classifier, a.data_dir)  # before the slow part: fails fast without data

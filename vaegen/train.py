@@ -38,11 +38,11 @@ from common.checkpoint import (
     write_json,
 )
 from common.cli import ArgumentParser, positive_float, positive_int, unit_float, user_errors
-from common.config import add_flags, from_args, from_dict, nested, option, resume_config
+from common.config import from_args, from_dict, nested, option, resume_config
 from common.data import DATA_DIR_HELP, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.runtime import count_params, seed_everything, versions
-from common.training import Loop, lr_factor, open_run_dir, set_lr
+from common.training import Loop, lr_factor, open_run_dir, set_lr, trainer_parser
 from common.viz import plot_curves, save_digit_grid, save_grid
 from vaegen.elbo import elbo_terms, evaluate_bounds
 from vaegen.model import VAE, VAEConfig
@@ -97,11 +97,7 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m vaegen.train", description=__doc__)
-    add_flags(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    return p
+    return trainer_parser("python -m vaegen.train", __doc__, TrainConfig)
 
 
 @user_errors
