@@ -48,6 +48,7 @@ def _bounded(cast: Callable[[str], Any], low: float | None, high: float | None, 
 
 
 positive_int = _bounded(int, 1, None, "an integer >= 1")
+at_least_two = _bounded(int, 2, None, "an integer >= 2")
 nonneg_int = _bounded(int, 0, None, "an integer >= 0")
 positive_float = _bounded(float, 1e-300, None, "a number > 0")
 nonneg_float = _bounded(float, 0.0, None, "a number >= 0")

@@ -57,12 +57,22 @@ def label_of(metrics: dict[str, Any]) -> str:
     return Path(metrics["dir"]).name
 
 
+def legacy_method(s: dict[str, Any]) -> str:
+    """A setting's method as metrics.json from before it was recorded can tell it (its name
+    stands in for its label)."""
+    parts = [s.get("sampler", s["name"]).upper()]
+    parts += ["Karras spacing"] if s.get("spacing") == "karras" else []
+    parts += [f"to sigma {s['sigma_min']:g}"] if s.get("sigma_min") else []
+    if s.get("guidance_interval"):
+        parts.append("guided in sigma ({:g}, {:g}]".format(*s["guidance_interval"]))
+    return ", ".join(parts)
+
+
 def settings_of(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per sampler setting, each with `name`, `label`, `method`, `steps`, `guidance`, `n`,
     `seconds_per_100` and `metrics`: the DDPM's sweep, or the single setting of a VAE."""
     if metrics.get("settings"):
-        # metrics.json from before settings recorded their label and method: the name stands in
-        return [{"label": s["name"], "method": s.get("sampler", s["name"]), **s} for s in metrics["settings"]]
+        return [{"label": s["name"], "method": legacy_method(s), **s} for s in metrics["settings"]]
     s = metrics.get("sampling", {})
     return [
         {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import MISSING, Field, field, fields, is_dataclass, replace
+from dataclasses import MISSING, Field, field, fields, replace
 from typing import Any
 
 from common.cli import UserError
@@ -137,7 +137,3 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(value)
-
-
-def is_config(obj: Any) -> bool:
-    return is_dataclass(obj) and not isinstance(obj, type)

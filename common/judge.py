@@ -148,7 +148,7 @@ def train_classifier(
     g = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        loss = train_epoch(model, opt, sched, x_train, y_train, config, epoch, g)
+        loss = train_epoch(model, opt, sched, (x_train, y_train), config, epoch, g, steps_per_epoch)
         acc = accuracy(judge_outputs(model, x_test)[0].argmax(1), y_test)
         log(f"judge epoch {epoch + 1}/{config.epochs}: train loss {loss:.4f} (cross-entropy, nats), "
             f"test accuracy {acc:.4f}, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
@@ -178,16 +178,16 @@ def train_epoch(
     model: JudgeCNN,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
+    data: tuple[torch.Tensor, torch.Tensor],
     config: JudgeConfig,
     epoch: int,
     g: torch.Generator,
+    steps: int,
 ) -> float:
-    """One epoch of cross-entropy steps on (augmented) training images; returns the mean loss."""
+    """`steps` cross-entropy steps on (augmented) training images (x, y) = data; returns the mean loss."""
+    x_train, y_train = data
     model.train()
     total, n = 0.0, 0
-    steps = max(1, len(x_train) // config.batch_size)
     drop_last = len(x_train) >= config.batch_size
     for idx in list(batch_indices(len(x_train), config.batch_size, config.seed, epoch, drop_last))[:steps]:
         x = to_unit(x_train[idx])

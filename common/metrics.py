@@ -198,8 +198,6 @@ def subset(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-
-
 def memorization(
     images_unit: torch.Tensor, train_pixels: torch.Tensor, test_nn_distance: torch.Tensor
 ) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The samples file every tool reads and writes (see README, "Samples file format").
+"""The samples file every tool reads and writes (docs/reference.md, "The samples file").
 
 `numpy.savez(path, images=uint8 [N, 28, 28] in 0..255, labels=int64 [N])`, labels absent
 for unconditional samples, plus a PNG grid beside it.

@@ -2,7 +2,7 @@
 
 `score` applies every metric of `common.metrics` to samples in the shared format (images uint8
 [N, 28, 28], labels int64 [N] or None), against the judge's cached reference features
-(`common.judge`): MNIST-FD and its floor at the same N, precision and recall against N test
+(`common.reference`): MNIST-FD and its floor at the same N, precision and recall against N test
 images, the judge's class histogram, and with labels the conditional accuracy and the per-digit
 numbers; the memorisation distances in pixel space.
 """
@@ -38,8 +38,8 @@ def score(
 ) -> dict[str, Any]:
     """Every sample metric for images uint8 [N, 28, 28] (+ requested labels int64 [N] or None).
 
-    Keys (floats unless noted; see the README's metrics table):
-      n, fd, fd_floor, fd_floor_std, fd_ratio (= fd / fd_floor), k, precision, recall,
+    Keys (floats unless noted; docs/reference.md, "What `metrics.json` holds"):
+      n, fd, fd_floor, fd_floor_std, fd_floor_n, fd_ratio (= fd / fd_floor), k, precision, recall,
       precision_floor, recall_floor, class_histogram (10 ints, judge labels), class_entropy_bits,
       judge_confidence (mean max softmax), memorization {...}; with labels also accuracy,
       accuracy_per_digit, precision_per_digit, recall_per_digit (lists of 10, None where a
@@ -91,7 +91,6 @@ def score(
     return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in out.items()}
 
 
-
 def per_digit(
     predicted: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, ref: Reference, k: int, seed: int
 ) -> dict[str, list[float | None]]:
@@ -120,8 +119,6 @@ def score_file(path: str | Path, judge: Judge, k: int = 3) -> dict[str, Any]:
         raise UserError(f"samples file {path} does not exist")
     images, labels = load_samples(path)
     return {"samples": str(path), **score(images, labels, judge, k), "judge": judge_summary(judge)}
-
-
 
 
 def build_parser() -> ArgumentParser:

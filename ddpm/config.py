@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from common.cli import at_least_two, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from common.config import from_dict, nested, option
 from common.data import DATA_DIR_HELP
 from ddpm.diffusion import GaussianDiffusion
@@ -46,7 +46,7 @@ class DDPMConfig:
         nonneg_float,
     )
     schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
-    timesteps: int = option(1000, "T, diffusion steps", positive_int)
+    timesteps: int = option(1000, "T, diffusion steps", at_least_two)
     seed: int = option(0, "seeds the initial weights, the data order and the noise")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", resume="flag")
     compile: bool = option(False, "torch.compile the UNet (helps on GPU)", resume="flag")

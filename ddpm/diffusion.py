@@ -3,7 +3,8 @@
 Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models"): betas,
 alphas = 1 - betas, alpha_bar = prod alphas, x0 the data, xt the noised data at step t,
 eps the standard normal noise, and the model is any callable
-`eps_model(xt, t, y) -> eps_pred` (xt [B, C, H, W], t long [B], y long [B] or None).
+`eps_model(xt, t, y) -> eps_pred` (xt [B, C, H, W], t long [B], y long [B] or None); guidance
+(`ddpm.samplers.Denoiser`) also reads its `null_label`, the "no label" class.
 Index t is 0-based: t = 0 is the paper's step 1 (see `ddpm.schedule`), and `t_prev = -1`
 stands for "x0 itself" (alpha_bar = 1).
 

@@ -276,9 +276,12 @@ class SamplerSpec:
     def for_model(self, diffusion: GaussianDiffusion) -> SamplerSpec:
         """This setting for a model of T steps. All T steps visit every t: nothing to space and no
         step to skip, so spacing is uniform and sigma_min None. Raises ValueError if the steps do
-        not fit (more than T, or fewer noise levels above sigma_min)."""
+        not fit (more than T, fewer noise levels above sigma_min, or 1 ancestral step: the
+        respaced process needs two)."""
         if self.steps > diffusion.T:
             raise ValueError(f"{self.steps} steps is more than the model's T = {diffusion.T}")
+        if self.sampler == "ddpm" and self.steps < 2:
+            raise ValueError("the ancestral sampler takes at least 2 steps (1 step is DDIM's single jump)")
         spec = replace(self, spacing="uniform", sigma_min=None) if self.steps == diffusion.T else self
         timesteps(diffusion, spec.steps, spec.spacing, spec.sigma_min)
         return spec

@@ -14,7 +14,7 @@ the budget does not bind, e.g. with --minutes 0). Under `torchrun` it trains dat
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -89,7 +89,8 @@ def sample_grid(diffusion: GaussianDiffusion, model: torch.nn.Module, path: Path
     model.eval()
     g = torch.Generator(device=device).manual_seed(1234)
     y = torch.arange(10, device=device).repeat_interleave(10)
-    x = sample(diffusion, model, GRID_SPEC, randn((100, 1, 28, 28), g, device, torch.float32), y, g)
+    spec = replace(GRID_SPEC, steps=min(GRID_SPEC.steps, diffusion.T))  # a short T has fewer steps
+    x = sample(diffusion, model, spec, randn((100, 1, 28, 28), g, device, torch.float32), y, g)
     model.train(was_training)
     save_digit_grid(signed_to_uint8(x).cpu(), y.cpu(), path, per_digit=10)
 
@@ -153,7 +154,7 @@ def train(cfg: DDPMConfig, d: distributed.Dist, resume: bool = False, overwrite:
     net = DistributedDataParallel(model) if d.enabled else model  # averages gradients across ranks
     state = TrainState(model, torch.compile(net) if cfg.compile else net, ema, opt, diffusion)
     if d.is_main:
-        write_json(out / "config.json", {**asdict(cfg), **announce(model, loop)})
+        write_json(out / "config.json", {**asdict(cfg), "run": announce(model, loop)})
     log = LossLog(out / "loss.csv", cfg.log_every, loop.global_batch)
     with loop:
         while loop.running:

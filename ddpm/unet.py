@@ -55,6 +55,9 @@ class UNetConfig:
             raise ValueError("--channel-mult and --blocks-per-level need one value per level")
         if any(not 0 <= i < len(self.channel_mult) for i in self.attention_levels):
             raise ValueError(f"--attention-levels must name levels 0..{len(self.channel_mult) - 1}")
+        widths = [self.base_channels * self.channel_mult[i] for i in self.attention_levels]
+        if any(c % self.num_heads for c in widths):
+            raise ValueError(f"--num-heads {self.num_heads} must divide the attention widths {widths}")
 
     @property
     def emb_dim(self) -> int:

@@ -93,6 +93,16 @@ def test_resume_gives_identical_weights(tmp_path, data_dir):
     assert steps == sorted(set(steps))  # resuming does not duplicate rows
 
 
+def test_a_short_chain_trains_and_draws_its_grid(tmp_path, data_dir):
+    # T = 10 is shorter than the 50-step grids drawn during training: they take all 10 steps
+    out = tmp_path / "short"
+    train(out, data_dir, "--epochs", "1", "--timesteps", "10")
+    assert (out / "samples" / "epoch_001.png").is_file()
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "one", data_dir, "--timesteps", "1")
+    assert e.value.code == 2
+
+
 def test_resume_with_dropout_is_exact(tmp_path, data_dir):
     # Dropout draws from the global RNG in training; the sample grids (at each epoch's end, after
     # the checkpoint, and every 3 steps) run in eval mode from their own generator, so they must

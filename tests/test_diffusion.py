@@ -302,6 +302,9 @@ def test_a_sampler_visiting_all_steps_ends_at_t0_whatever_sigma_min():
         SamplerSpec("ddpm", T + 1).for_model(DIFF)
     with pytest.raises(ValueError, match="leaves fewer than"):
         SamplerSpec("ddim", T - 1, sigma_min=0.1).for_model(DIFF)
+    with pytest.raises(ValueError, match="at least 2 steps"):  # the respaced process needs two
+        SamplerSpec("ddpm", 1).for_model(DIFF)
+    assert SamplerSpec("ddim", 1).for_model(DIFF).steps == 1  # DDIM's one jump to x0 is fine
 
 
 # ------------------------------------------------------------------------------- samplers

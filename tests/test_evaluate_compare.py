@@ -219,6 +219,16 @@ def test_common_never_imports_a_model_package():
             assert not any(n.split(".")[0] in ("vaegen", "ddpm") for n in names), path
 
 
+def test_old_metrics_json_settings_keep_their_samplers_apart():
+    # metrics.json written before settings recorded their method: what it did record still tells
+    # an evenly spaced DPM2M 10 from a Karras-spaced one ending at sigma 0.1 with an interval
+    old = {"name": "dpm2m10_w0.5", "sampler": "dpm2m", "steps": 10, "guidance": 0.5, "spacing": "uniform"}
+    karras = {**old, "name": "dpm2m10_w0.5_karras_smin0.1", "spacing": "karras", "sigma_min": 0.1,
+              "guidance_interval": [0.28, 5.42]}  # fmt: skip
+    methods = [s["method"] for s in compare.settings_of({"settings": [old, karras]})]
+    assert methods == ["DPM2M", "DPM2M, Karras spacing, to sigma 0.1, guided in sigma (0.28, 5.42]"]
+
+
 def test_frontier_never_joins_two_models_in_one_curve():
     def setting(w, fd, run=None):
         scores = {"accuracy": 0.99, "fd_ratio": fd}

@@ -132,6 +132,16 @@ def test_unet_gives_the_same_eps_with_and_without_autograd():
     assert torch.allclose(fast, model(x, t, y), atol=1e-5)
 
 
+def test_config_refuses_shapes_the_unet_cannot_build():
+    with pytest.raises(ValueError, match="one value per level"):
+        UNetConfig(channel_mult=(1, 2), blocks_per_level=(0, 1, 1))
+    with pytest.raises(ValueError, match="attention-levels"):
+        UNetConfig(attention_levels=(3,))
+    with pytest.raises(ValueError, match="num-heads"):
+        UNetConfig(num_heads=5)  # 96 channels at 7x7 do not split into 5 heads
+    assert UNet(UNetConfig(num_heads=8)).config.num_heads == 8
+
+
 def test_config_round_trips_and_old_runs_load_without_adaptive_norm():
     cfg = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2))
     saved = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as in a checkpoint: lists, not tuples

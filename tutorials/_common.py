@@ -5,7 +5,7 @@ parses the flags every tutorial takes,
 
     --out DIR       where figures go (default: results/tutorials/NN_name/ in the repository)
     --quick         shrink every loop, for CI (seconds instead of a minute or two)
-    --data-dir DIR  a folder holding MNIST/raw/ (default: $MNIST_DIR, else ./data)
+    --data-dir DIR  a folder holding MNIST/raw/ (default: $MNIST_DIR, else the repository's data/)
     --synthetic     use a tiny synthetic stand-in for MNIST (the tests' fake digits)
 
 seeds every RNG, and returns a `Tutorial`. `tut.mnist()` loads MNIST (downloading it where the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import shutil
 import sys
 import tempfile
@@ -80,8 +81,11 @@ class Tutorial:
             print("    --synthetic: a tiny stand-in for MNIST (noise plus a bar whose height encodes the\n"
                   "    digit). The code runs the same; every figure and number is meaningless.")  # fmt: skip
             return self._root
+        # Without --data-dir or $MNIST_DIR, the repository's data/ folder, where the commands run from
+        # the repository put MNIST (a notebook's working directory is tutorials/, not the repository).
+        default = None if os.environ.get("MNIST_DIR") else REPO / "data"
         try:
-            self._root = find_mnist(self.data_dir)
+            self._root = find_mnist(self.data_dir or default)
         except UserError as e:  # the commands' one-line error, and their exit code
             print(f"error: {e}; or pass --synthetic to run on a tiny stand-in", file=sys.stderr)
             raise SystemExit(2) from None
@@ -104,7 +108,8 @@ def setup(name: str, description: str, argv: list[str] | None = None) -> Tutoria
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=description)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "tutorials" / name)
     parser.add_argument("--quick", action="store_true", help="shrink every loop (seconds, for CI)")
-    parser.add_argument("--data-dir", default=None, help="DIR holding MNIST/raw/ (default: $MNIST_DIR)")
+    parser.add_argument("--data-dir", default=None, help="DIR holding MNIST/raw/ (if not given: $MNIST_DIR, "
+                        "else the repository's data/)")  # fmt: skip
     parser.add_argument("--synthetic", action="store_true", help="a tiny stand-in for MNIST (tests)")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)

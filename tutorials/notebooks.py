@@ -27,7 +27,8 @@ OUT = HERE.parent / "docs" / "tutorials"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("numbers", nargs="*", help="tutorials to rebuild, e.g. 07 09 (default: all)")
-    p.add_argument("--data-dir", default=None, help="DIR holding MNIST/raw/ (default: $MNIST_DIR)")
+    p.add_argument("--data-dir", default=None, help="DIR holding MNIST/raw/ (if not given: $MNIST_DIR, "
+                   "else the repository's data/)")  # fmt: skip
     a = p.parse_args()
     if a.data_dir:
         os.environ["MNIST_DIR"] = str(Path(a.data_dir).absolute())  # the kernel inherits it

@@ -72,7 +72,7 @@ def build_parser() -> ArgumentParser:
 def training_summary(run: Path, ckpt: dict) -> dict[str, Any]:
     """Wall time (sum of loss.csv's per-epoch seconds: training, test ELBO and sample grid),
     optimizer steps, images seen (steps x batch size) and epochs completed."""
-    batch = TrainConfig.from_dict(ckpt["config"]).batch_size
+    batch = TrainConfig.from_dict(ckpt["config"]).batch_size * int(ckpt.get("world_size", 1))  # global
     seconds = None
     if (run / "loss.csv").is_file():
         rows = read_csv(run / "loss.csv")

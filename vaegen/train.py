@@ -8,7 +8,8 @@ estimator of eq. 10 (one sample per image); the loss is the negative ELBO in nat
 The learning rate warms up, then decays on a cosine to 0 (`--schedule constant` is the original
 project's recipe). After every epoch the run directory gets a row in loss.csv (train and test
 negative ELBO), samples/epoch_NNN.png and an atomic checkpoint.pt; at the end loss.png and
-config.json. --resume continues a run exactly, with its own settings.
+config.json. --resume continues a run with its own settings (exactly, with one process before
+and after).
 
 Under `torchrun --nproc_per_node=N` it trains data-parallel (DistributedDataParallel; see
 common.distributed): each rank takes its slice of every global batch of N x --batch-size
@@ -147,7 +148,8 @@ def train(
         print(f"VAE {shape}{kind}: {info['params']:,} parameters, {loop.steps_per_epoch} steps/epoch, "
               f"device {d.device} x {d.world_size}, out {out}")  # fmt: skip
     net = DistributedDataParallel(model) if d.enabled else model  # averages gradients across ranks
-    warmup_steps, cosine = round(cfg.warmup * loop.total_steps), cfg.schedule == "cosine"
+    warmup_steps = min(round(cfg.warmup * loop.total_steps), loop.total_steps - 1)  # leave room to decay
+    cosine = cfg.schedule == "cosine"
     metrics: dict[str, Any] = {}
     with loop:
         while loop.running:
