@@ -132,9 +132,17 @@ def test_lr_schedule_shortens_to_what_the_budget_allows():
     assert f(5, 10, 110, time_frac=0.9) == pytest.approx(0.6)  # warm-up is by steps only
 
 
-def test_minutes_budget_anneals_the_lr_and_ends_on_a_checkpoint(tmp_path, data_dir, capsys):
+def test_minutes_budget_anneals_the_lr_and_ends_on_a_checkpoint(tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "budget"
-    # 12 s: several epochs, each ending in a sample grid that takes a second or two
+    # A simulated clock that moves 0.2 s each time it is read: the 12 s budget then lasts a few
+    # dozen steps however busy the machine is.
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 0.2
+        return now[0]
+
+    monkeypatch.setattr(time, "perf_counter", clock)
     train(out, data_dir, "--epochs", "1000", "--minutes", "0.2", "--log-every", "1")
     printed = capsys.readouterr().out
     assert "--minutes 0.2 budget reached" in printed
