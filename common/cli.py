@@ -87,6 +87,14 @@ def int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def image_counts(text: str) -> tuple[int, ...]:
+    """`60000,120000` -> (60000, 120000): positive, increasing image counts."""
+    counts = int_tuple(text)
+    if any(c < 1 for c in counts) or list(counts) != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"expected increasing positive image counts, got {text!r}")
+    return counts
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults in --help and keep the description's line breaks."""
 

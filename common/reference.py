@@ -19,7 +19,7 @@ from common.data import load_mnist, to_unit
 from common.judge import REFERENCE, Judge
 from common.metrics import frechet_distance, nearest_neighbours, precision_recall, subset
 
-FLOOR_DRAWS = 3  # the FD floor is the mean over this many draws of N training images
+FLOOR_DRAWS = 5  # the FD floor is the mean over this many draws of N training images
 
 
 @dataclass
@@ -83,7 +83,7 @@ def floor(judge: Judge, n: int, k: int = 3) -> dict[str, Any]:
     subset that samples are compared with. Cached per n.
     """
     r = reference(judge)
-    name = f"{n}_k{k}"
+    name = f"{n}_k{k}_draws{FLOOR_DRAWS}"
     if name not in r.floors:
         n_real = min(n, len(r.train_features))
         fds = [

@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.cli import at_least_two, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from common.cli import (
+    at_least_two,
+    image_counts,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 from common.config import from_dict, nested, option
 from common.data import DATA_DIR_HELP
 from ddpm.diffusion import GaussianDiffusion
@@ -42,7 +50,8 @@ class DDPMConfig:
     ema_decay: float = option(0.999, "decay of the weights' moving average (sampled from)", unit_float)
     p_uncond: float = option(0.1, "probability of dropping the label (classifier-free guidance)", unit_float)
     snr_gamma: float = option(
-        5.0, "weight each step's loss by min(SNR, gamma) / SNR (Min-SNR); 0: unweighted L_simple",
+        5.0,
+        "weight each step's loss by min(SNR, gamma) / SNR (Min-SNR); 0: unweighted L_simple",
         nonneg_float,
     )
     schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
@@ -55,6 +64,10 @@ class DDPMConfig:
     sample_every: int = option(
         0, "steps between sample grids (0: at each epoch end)", nonneg_int, resume="flag"
     )
+    snapshots: tuple[int, ...] = option(
+        (), "also save the weights once this many training images have been seen, comma-separated "
+        "(e.g. 60000,120000,190000), to OUT/snapshots/ for ddpm.curve", image_counts, resume="flag",
+    )  # fmt: skip
     unet: UNetConfig = nested(UNetConfig)
 
     @classmethod

@@ -167,6 +167,8 @@ def train(cfg: DDPMConfig, d: distributed.Dist, resume: bool = False, overwrite:
                     log.add(loop.step + 1, loss, lr, loop)
                 if d.is_main and cfg.sample_every and (loop.step + 1) % cfg.sample_every == 0:
                     sample_grid(diffusion, ema.module, out / "samples" / f"step_{loop.step + 1:06d}.png")
+                if d.is_main:
+                    save_snapshots(out, state, loop, cfg)
             if d.is_main:
                 end_epoch(out, state, loop, cfg, loss)
     if d.is_main:
@@ -189,6 +191,19 @@ def end_epoch(out: Path, s: TrainState, loop: Loop, cfg: DDPMConfig, loss: float
     epoch = loop.epoch if loop.epoch_done else loop.epoch + 1
     print(f"epoch {epoch}: step {loop.step}, {loop.seconds / 60:.1f} min, last loss {loss:.4f} "
           f"({loss_label(cfg)})", flush=True)  # fmt: skip
+
+
+def save_snapshots(out: Path, s: TrainState, loop: Loop, cfg: DDPMConfig) -> None:
+    """After the step that takes the images seen past a count in --snapshots: the weights (EMA and
+    raw) as OUT/snapshots/images_NNNNNNN.pt, a checkpoint file that ddpm.sample and ddpm.curve read."""
+    before, after = loop.step * loop.global_batch, (loop.step + 1) * loop.global_batch
+    for count in (c for c in cfg.snapshots if before < c <= after):
+        (out / "snapshots").mkdir(exist_ok=True)
+        save_checkpoint(out / "snapshots" / f"images_{count:07d}.pt", {
+            "kind": "ddpm", "model": s.model.state_dict(), "ema": s.ema.module.state_dict(),
+            "config": asdict(cfg), "step": loop.step + 1, "images": after, "seconds": loop.seconds,
+            "world_size": loop.d.world_size,
+        })  # fmt: skip
 
 
 def loss_label(cfg: DDPMConfig) -> str:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fake_mnist import write_fake_mnist
 
 from common import compare
 from common.figures import frontier_curves
 from common.judge import JudgeConfig, train_classifier
+from ddpm import curve as ddpm_curve
 from ddpm import evaluate as ddpm_evaluate
 from ddpm import train as ddpm_train
 from vaegen import evaluate as vae_evaluate
@@ -240,3 +242,39 @@ def test_frontier_never_joins_two_models_in_one_curve():
     assert [s["guidance"] for s in one_model["DPM-Solver++(2M), 10 steps"]] == [0.5, 1]  # sorted by w
     two_models = frontier_curves([setting(0.5, 1.5, "ddpm"), setting(0.5, 1.2, "ddpm_6ep")])
     assert sorted(two_models) == ["ddpm: DPM-Solver++(2M), 10 steps", "ddpm_6ep: DPM-Solver++(2M), 10 steps"]
+
+
+def test_snapshots_are_the_weights_at_their_image_count_and_curve_scores_each_once(
+    tmp_path, data_dir, judge_dir, monkeypatch, capsys
+):
+    run = tmp_path / "snap"
+    # 256 images per epoch in batches of 32: 64 images are seen after step 2, 160 after step 5.
+    ddpm_train.main(["--out", str(run), "--data-dir", data_dir, *TINY_DDPM, "--snapshots", "64,160"])
+    snap = torch.load(run / "snapshots" / "images_0000064.pt", weights_only=True)
+    assert (snap["step"], snap["images"]) == (2, 64)
+    # The same run stopped after 2 steps (--max-steps leaves the lr schedule as it is) has the
+    # snapshot's weights, raw and EMA, exactly.
+    ddpm_train.main(["--out", str(tmp_path / "two"), "--data-dir", data_dir, *TINY_DDPM, "--max-steps", "2"])
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(snap[key][k], two[key][k]) for k in two[key])
+
+    args = ["--runs", str(run), "--n", "20", "--steps", "3", "--batch-size", "10", "--classifier", judge_dir,
+            "--data-dir", data_dir, "--device", "cpu", "--out", str(tmp_path / "q.png")]  # fmt: skip
+    (_, points), = ddpm_curve.main(args)
+    assert [p["images"] for p in points] == [64, 160, 256]  # the two snapshots, then the final model
+    assert [p["file"] for p in points] == ["snapshots/images_0000064.pt", "snapshots/images_0000160.pt",
+                                           "checkpoint.pt"]  # fmt: skip
+    assert all(p["metrics"]["n"] == 20 and 0 <= p["metrics"]["accuracy"] <= 1 for p in points)
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+    # Scored points are read back from curve.json, not drawn again; another seed is new points.
+    monkeypatch.setattr(ddpm_curve, "generate", lambda *a, **k: pytest.fail("drew samples again"))
+    assert ddpm_curve.main(args)[0][1] == points
+    monkeypatch.undo()
+    ddpm_curve.main([*args, "--seed", "1"])
+    assert len(json.loads((run / "curve.json").read_text())["points"]) == 6
+
+    with pytest.raises(SystemExit) as e:
+        ddpm_curve.main(["--runs", str(tmp_path)])  # a folder, but not a run
+    assert e.value.code == 2 and "no checkpoint.pt" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vaegen.evaluate", description=__doc__)
     p.add_argument("--run", default="results/vae", help="run directory of vaegen.train")
     p.add_argument(
-        "--n", type=positive_int, default=1000, help="samples to score (conditional: n/10 per digit)"
+        "--n", type=positive_int, default=5000,
+        help="samples to score (conditional: n/10 per digit); 5000, the N results are stated at",
     )
     p.add_argument(
         "--iwae-k", type=nonneg_int, default=1000, help="importance samples of the IWAE bound (0: skip)"
