@@ -54,6 +54,10 @@ class DDPMConfig:
         "weight each step's loss by min(SNR, gamma) / SNR (Min-SNR); 0: unweighted L_simple",
         nonneg_float,
     )
+    prediction: str = option(
+        "eps", "what the UNet outputs: eps, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (converted "
+        "to eps, so the loss, its Min-SNR weight and the samplers are unchanged)", choices=("eps", "v"),
+    )  # fmt: skip
     schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
     timesteps: int = option(1000, "T, diffusion steps", at_least_two)
     seed: int = option(0, "seeds the initial weights, the data order and the noise")
@@ -74,12 +78,32 @@ class DDPMConfig:
     def from_dict(cls, d: dict) -> DDPMConfig:
         """The config a checkpoint or config.json recorded; runs from before the schedule was
         recorded used the cosine one."""
-        return from_dict(cls, d, missing={"schedule": "cosine"})
+        return from_dict(cls, d, missing={"schedule": "cosine", "prediction": "eps"})
 
 
-def build_model(cfg: DDPMConfig) -> tuple[UNet, GaussianDiffusion]:
-    """The UNet (on the CPU, fresh weights from the global RNG) and the diffusion process of `cfg`."""
-    return UNet(cfg.unet), GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps))
+class VPrediction(torch.nn.Module):
+    """eps_theta(x_t, t, y) from a UNet that predicts the velocity v (Salimans & Ho 2022, sec. 4),
+    converted by `GaussianDiffusion.eps_from_v`. Every caller still sees an eps model.
+
+    The eps loss of the converted output is the v loss, reweighted: eps - eps_hat =
+    sqrt(alpha_bar) (v - v_hat), so Min-SNR's eps weight min(SNR, gamma) / SNR is the v weight
+    min(SNR, gamma) / (SNR + 1) of Hang et al. 2023. Only what the network outputs changes.
+    """
+
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion) -> None:
+        super().__init__()
+        self.unet, self.diffusion, self.null_label = unet, diffusion, unet.null_label
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.diffusion.eps_from_v(xt, t, self.unet(xt, t, y))
+
+
+def build_model(cfg: DDPMConfig) -> tuple[UNet | VPrediction, GaussianDiffusion]:
+    """The eps model (a UNet, on the CPU, fresh weights from the global RNG) and the diffusion
+    process of `cfg`."""
+    diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps))
+    unet = UNet(cfg.unet)
+    return (VPrediction(unet, diffusion) if cfg.prediction == "v" else unet), diffusion
 
 
 def load_model(

@@ -114,6 +114,12 @@ class GaussianDiffusion:
         t = self._as_t(t, xt)
         return (self._at("sqrt_recip_alpha_bar", t, xt) * xt - x0) / self._at("sqrt_recipm1_alpha_bar", t, xt)
 
+    def eps_from_v(self, xt: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:
+        """eps from the velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho
+        2022, sec. 4): with eq. 4, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) xt."""
+        t = self._as_t(t, xt)
+        return self._at("sqrt_alpha_bar", t, xt) * v + self._at("sqrt_one_minus_alpha_bar", t, xt) * xt
+
     def q_posterior(
         self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

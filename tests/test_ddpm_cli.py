@@ -20,7 +20,7 @@ from common.training import lr_factor
 from ddpm import bench as ddpm_bench
 from ddpm import sample as ddpm_sample
 from ddpm import train as ddpm_train
-from ddpm.config import DDPMConfig, load_model
+from ddpm.config import DDPMConfig, VPrediction, load_model
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SamplerSpec
 from ddpm.unet import UNet, UNetConfig
@@ -101,6 +101,20 @@ def test_a_short_chain_trains_and_draws_its_grid(tmp_path, data_dir):
     with pytest.raises(SystemExit) as e:
         train(tmp_path / "one", data_dir, "--timesteps", "1")
     assert e.value.code == 2
+
+
+def test_a_v_prediction_run_trains_samples_and_keeps_its_parameterization(tmp_path, data_dir):
+    out = tmp_path / "v"
+    train(out, data_dir, "--epochs", "1", "--max-steps", "3", "--prediction", "v")
+    model, diffusion, ckpt = load_model(out, torch.device("cpu"))
+    assert isinstance(model, VPrediction) and ckpt["config"]["prediction"] == "v"
+    xt, t, y = torch.randn(4, 1, 28, 28), torch.randint(0, diffusion.T, (4,)), torch.arange(4)
+    with torch.no_grad():  # what every sampler sees is eps, from the UNet's v
+        assert torch.allclose(model(xt, t, y), diffusion.eps_from_v(xt, t, model.unet(xt, t, y)))
+    sample(out, "--n", "10", "--steps", "3", "--out", str(tmp_path / "v.npz"))
+    assert (tmp_path / "v.npz").is_file()
+    train(out, data_dir, "--epochs", "1", "--resume", "--max-steps", "4")  # resumed as what it was
+    assert isinstance(load_model(out, torch.device("cpu"))[0], VPrediction)
 
 
 def test_resume_with_dropout_is_exact(tmp_path, data_dir):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.tensor import extract
+from ddpm.config import VPrediction
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import Denoiser, SamplerSpec, sample, timesteps
 from ddpm.schedule import cosine_betas
@@ -600,3 +601,29 @@ def test_cuda_matches_cpu_with_a_cpu_generator(diff):
     x0 = torch.rand(8, 1, 4, 4, dtype=F64) * 2 - 1
     assert torch.allclose(diff.loss(toy_model, x0.cuda(), None, generator=gen(41)).cpu(),
                           diff.loss(toy_model, x0, None, generator=gen(41)), atol=1e-9)
+
+
+def test_v_prediction_is_eps_prediction_with_hang_et_al_v_weight(diff):
+    """`VPrediction`: v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022) converts back to the eps of
+    eq. 4, and the Min-SNR eps loss of the converted output is Hang et al. 2023's v loss
+    min(SNR, gamma) / (SNR + 1) ||v - v_hat||^2, written here from the definitions."""
+    x0 = torch.rand(64, 1, 4, 4, generator=gen(60), dtype=F64) * 2 - 1
+    eps = torch.randn(64, 1, 4, 4, generator=gen(61), dtype=F64)
+    t = torch.randint(0, T, (64,), generator=gen(62))
+    a = alpha_bar(diff, t, x0)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(diff.eps_from_v(xt, t, v), eps, atol=1e-10)
+
+    class VNet(torch.nn.Module):  # any network that outputs "v": here a fixed smooth function
+        null_label = 10
+
+        def forward(self, xt, t, y):
+            return torch.tanh(xt) * 0.3 + t[:, None, None, None] / T
+
+    v_hat = VNet()(xt, t, None)
+    eps_hat = VPrediction(VNet(), diff)(xt, t, None)
+    loss = diff.eps_loss(eps_hat, eps, t, snr_gamma=5.0)
+    snr = a / (1 - a)
+    v_loss = (snr.clamp(max=5.0) / (snr + 1)).flatten() * ((v - v_hat) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss.double(), v_loss, rtol=1e-5)
