@@ -53,7 +53,7 @@ class QualityGoal:
 
 
 GOAL = QualityGoal()
-# What a 30-minute default DDPM run should reach (docs/results.md, "Quality against training"):
+# What a 30-minute default DDPM run should reach (docs/results.md, "Quality against training images"):
 # judged at N = 5000, where the FD's small-sample bias no longer flatters a model.
 EFFICIENCY_GOAL = QualityGoal(accuracy=0.99, fd_ratio=2.0, max_steps=10, n=5000)
 

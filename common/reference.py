@@ -26,7 +26,8 @@ FLOOR_DRAWS = 5  # the FD floor is the mean over this many draws of N training i
 class Reference:
     """test_features [Nt, F], test_labels [Nt], train_features [Ntr, F], train_labels [Ntr],
     test_nn_distance [Nt] (pixel L2, [0, 1] pixels, from each test image to its nearest training
-    image), floors {f"{N}_k{k}": {...}}; train_pixels [Ntr, 784] float [0, 1] (not cached)."""
+    image), floors {f"{N}_k{k}_draws{FLOOR_DRAWS}": {...}}; train_pixels [Ntr, 784] float [0, 1]
+    (not cached)."""
 
     test_features: torch.Tensor
     test_labels: torch.Tensor
@@ -80,7 +81,7 @@ def floor(judge: Judge, n: int, k: int = 3) -> dict[str, Any]:
 
     FD: mean (and std) over FLOOR_DRAWS seeded draws of n training images against the
     full test set; precision/recall (k-NN) of the first draw against the n-image test
-    subset that samples are compared with. Cached per n.
+    subset that samples are compared with. Cached per n, k and FLOOR_DRAWS.
     """
     r = reference(judge)
     name = f"{n}_k{k}_draws{FLOOR_DRAWS}"

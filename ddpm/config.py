@@ -2,8 +2,9 @@
 
 `DDPMConfig` is the one place a hyperparameter of the diffusion model lives: each field is a flag
 of `python -m ddpm.train` (common.config), a key of the run's config.json and of its checkpoint.
-`build_model` turns it into (UNet, GaussianDiffusion); `load_model` does the same from a run's
-checkpoint. Train, sample, evaluate and bench all build through these two.
+`build_model` turns it into (eps model, GaussianDiffusion), the eps model a UNet or, with
+`--prediction v`, a UNet that predicts v wrapped in `VPrediction`; `load_model` does the same
+from a run's checkpoint. Train, sample, evaluate and bench all build through these two.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class DDPMConfig:
     )
     prediction: str = option(
         "eps", "what the UNet outputs: eps, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (converted "
-        "to eps, so the loss, its Min-SNR weight and the samplers are unchanged)", choices=("eps", "v"),
+        "to eps, so the loss, its Min-SNR weight and the samplers are unchanged; --snr-gamma 0 is then the "
+        "eps error, not the plain v error)", choices=("eps", "v"),
     )  # fmt: skip
     schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
     timesteps: int = option(1000, "T, diffusion steps", at_least_two)
@@ -70,7 +72,7 @@ class DDPMConfig:
     )
     snapshots: tuple[int, ...] = option(
         (), "also save the weights once this many training images have been seen, comma-separated "
-        "(e.g. 60000,120000,190000), to OUT/snapshots/ for ddpm.curve", image_counts, resume="flag",
+        "(e.g. 60000,120000,190000), to OUT/snapshots/ for ddpm.curve", image_counts, resume="extend",
     )  # fmt: skip
     unet: UNetConfig = nested(UNetConfig)
 
@@ -86,8 +88,9 @@ class VPrediction(torch.nn.Module):
     converted by `GaussianDiffusion.eps_from_v`. Every caller still sees an eps model.
 
     The eps loss of the converted output is the v loss, reweighted: eps - eps_hat =
-    sqrt(alpha_bar) (v - v_hat), so Min-SNR's eps weight min(SNR, gamma) / SNR is the v weight
-    min(SNR, gamma) / (SNR + 1) of Hang et al. 2023. Only what the network outputs changes.
+    sqrt(alpha_bar) (v - v_hat), and alpha_bar = SNR / (SNR + 1), so Min-SNR's eps weight
+    min(SNR, gamma) / SNR times alpha_bar is the v weight min(SNR, gamma) / (SNR + 1) of Hang et
+    al. 2023. Only what the network outputs changes. Its weights are the UNet's, under `unet.`.
     """
 
     def __init__(self, unet: UNet, diffusion: GaussianDiffusion) -> None:
@@ -108,8 +111,8 @@ def build_model(cfg: DDPMConfig) -> tuple[UNet | VPrediction, GaussianDiffusion]
 
 def load_model(
     run: str | Path, device: torch.device, use_ema: bool = True
-) -> tuple[UNet, GaussianDiffusion, dict]:
-    """The UNet (EMA weights by default, eval mode, on `device`), its diffusion and the checkpoint
+) -> tuple[UNet | VPrediction, GaussianDiffusion, dict]:
+    """The eps model (EMA weights by default, eval mode, on `device`), its diffusion and the checkpoint
     of a run directory or checkpoint file of `ddpm.train`."""
     ckpt = load_checkpoint(run, "ddpm", map_location=device)
     model, diffusion = build_model(DDPMConfig.from_dict(ckpt["config"]))

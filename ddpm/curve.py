@@ -5,8 +5,9 @@ counts in RUN/snapshots/. This command scores each snapshot and the run's final 
 sampler setting (`ddpm.sample`'s default unless the sampler flags say otherwise): N samples, N/10
 per digit, MNIST-FD against its floor at the same N and the conditional accuracy (common.score).
 Each run's scores go to RUN/curve.json, where they are kept: a point already scored with the same
-setting, N, seed and weights is not drawn again. The figure (--out) has FD / floor and accuracy
-against images seen, one line per run, with the EFFICIENCY_GOAL's thresholds.
+setting, N, seed, batch, weights and judge is not drawn again. The figure (--out, redrawn from
+the points each time) has FD / floor and accuracy against images seen, one line per run, with
+the thresholds of `common.metrics.EFFICIENCY_GOAL`, which holds at N = 5000.
 
 Images, not minutes, are the x axis: a user's time to a quality is the images it needs divided
 by their machine's training images per second (`python -m ddpm.bench`). A snapshot taken mid-run
@@ -17,6 +18,7 @@ checkpoint is the end of a schedule.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +34,7 @@ from common.config import add_flags, from_args
 from common.data import DATA_DIR_HELP
 from common.judge import load_judge
 from common.metrics import EFFICIENCY_GOAL
+from common.reference import FLOOR_DRAWS
 from common.runtime import pick_device
 from common.score import score
 from ddpm.config import load_model
@@ -60,7 +63,7 @@ def build_parser() -> ArgumentParser:
 
 def checkpoints(run: Path) -> list[Path]:
     """The run's snapshots in the order they were taken, then its final checkpoint (if any)."""
-    files = sorted((run / "snapshots").glob("images_*.pt"))
+    files = sorted((run / "snapshots").glob("images_*.pt"), key=lambda f: int(f.stem.split("_")[1]))
     return files + ([run / CHECKPOINT] if (run / CHECKPOINT).is_file() else [])
 
 
@@ -70,20 +73,23 @@ def score_point(path: Path, spec: SamplerSpec, a: Any, judge: Any, kept: list[di
     scored, or the point in `kept` (curve.json) that did exactly that already."""
     model, diffusion, ckpt = load_model(path, pick_device(a.device), use_ema=not a.raw_weights)
     spec = spec_for(spec, diffusion)
+    step, batch = int(ckpt["step"]), int(ckpt["config"]["batch_size"]) * int(ckpt.get("world_size", 1))
     point: dict[str, Any] = {
         "file": path.name if path.parent.name != "snapshots" else f"snapshots/{path.name}",
-        "step": int(ckpt["step"]),
-        "images": int(ckpt["step"]) * int(ckpt["config"]["batch_size"]) * int(ckpt.get("world_size", 1)),
-        "train_seconds": float(ckpt.get("seconds", float("nan"))),
+        "step": step,
+        "images": int(ckpt.get("images") or step * batch),  # a snapshot records its own count
+        "train_seconds": ckpt.get("seconds"),
         "spec": asdict(spec),
         "label": spec.label,
         "n": a.n,
         "seed": a.seed,
+        "batch_size": a.batch_size,
         "weights": "raw" if a.raw_weights else "ema",
+        "judge": judge.file_hash,
+        "floor_draws": FLOOR_DRAWS,
     }
     point = json.loads(json.dumps(point))  # as curve.json holds it (tuples become lists)
-    key = ("file", "step", "spec", "n", "seed", "weights")
-    old = next((p for p in kept if all(p.get(k) == point[k] for k in key)), None)
+    old = next((p for p in kept if {k: p.get(k) for k in point} == point), None)  # all of the above alike
     if old is not None:
         return old
     y = requested_labels(a.n, None, None)
@@ -92,13 +98,17 @@ def score_point(path: Path, spec: SamplerSpec, a: Any, judge: Any, kept: list[di
     point["sample_seconds"] = time.perf_counter() - started
     metrics = score(images, y, judge, seed=a.seed)
     point["metrics"] = {k: metrics[k] for k in KEPT}
+    point["meets_efficiency_goal"] = EFFICIENCY_GOAL.met(metrics, spec.steps)
     return point
 
 
 def run_curve(run: Path, spec: SamplerSpec, a: Any, judge: Any) -> list[dict[str, Any]]:
     """The run's points for this setting; curve.json keeps every point scored so far."""
     path = run / "curve.json"
-    kept = json.loads(path.read_text())["points"] if path.is_file() else []
+    try:
+        kept = json.loads(path.read_text())["points"] if path.is_file() else []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is not a curve.json of ddpm.curve; move it away to start afresh") from None
     points = []
     for file in checkpoints(run):
         point = score_point(file, spec, a, judge, kept)
@@ -106,10 +116,10 @@ def run_curve(run: Path, spec: SamplerSpec, a: Any, judge: Any) -> list[dict[str
             kept.append(point)
             write_json(path, {"points": kept})
         points.append(point)
-        m = point["metrics"]
+        m, goal = point["metrics"], " (meets EFFICIENCY_GOAL)" if point["meets_efficiency_goal"] else ""
         print(f"{run}/{point['file']}: {point['images']:,} images, N {m['n']}: FD {m['fd']:.3f} "
-              f"({m['fd_ratio']:.2f}x floor {m['fd_floor']:.3f} +- {m['fd_floor_std']:.3f}), "
-              f"accuracy {m['accuracy']:.4f}", flush=True)  # fmt: skip
+              f"({m['fd_ratio'] or math.nan:.2f}x floor {m['fd_floor']:.3f} +- {m['fd_floor_std']:.3f}), "
+              f"accuracy {m['accuracy']:.4f}{goal}", flush=True)  # fmt: skip
     return points
 
 
@@ -121,7 +131,8 @@ def plot_curve(curves: list[tuple[str, list[dict[str, Any]]]], path: Path, title
         xs = [p["images"] / 1000 for p in points]
         ax_fd.plot(xs, [p["metrics"]["fd_ratio"] for p in points], marker="o", label=label)
         ax_acc.plot(xs, [100 * p["metrics"]["accuracy"] for p in points], marker="o", label=label)
-    ax_fd.axhline(goal.fd_ratio, color="grey", ls="--", lw=1, label=f"goal: <= {goal.fd_ratio:g}x floor")
+    at = f" at N >= {goal.n}"
+    ax_fd.axhline(goal.fd_ratio, color="grey", ls="--", lw=1, label=f"goal: <= {goal.fd_ratio:g}x floor{at}")
     ax_acc.axhline(100 * goal.accuracy, color="grey", ls="--", lw=1, label=f"goal: >= {goal.accuracy:.0%}")
     ax_fd.set_yscale("log")
     ax_fd.set_ylabel(f"MNIST-FD / floor (N = {curves[0][1][0]['n']})")
@@ -144,10 +155,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict[str, Any]]]
     for run in runs:
         if not checkpoints(run):
             raise UserError(f"--runs {run} has no checkpoint.pt and no snapshots/")
+    out = Path(a.out) if a.out else runs[0] / "quality_vs_images.png"
+    if out.suffix not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out must end in .png, .pdf or .svg, got {out}")
     spec = from_args(SamplerSpec, a)
+    pick_device(a.device)  # a bad --device stops here, before the judge is loaded (or trained)
     judge = load_judge(a.classifier, a.data_dir)
     curves = [(str(run), run_curve(run, spec, a, judge)) for run in runs]
-    out = Path(a.out) if a.out else runs[0] / "quality_vs_images.png"
     weights = "raw weights" if a.raw_weights else "EMA weights"
     plot_curve(curves, out, f"{curves[0][1][-1]['label']}, {weights}, sample seed {a.seed}")
     print(f"-> {out}")

@@ -189,6 +189,14 @@ def test_resume_with_another_unet_is_refused(tmp_path, data_dir, capsys):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("counts", ["0,100", "200,100", "100,100", "1e5"])
+def test_snapshot_counts_must_be_increasing_positive_integers(tmp_path, data_dir, capsys, counts):
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "s", data_dir, "--snapshots", counts)
+    assert e.value.code == 2 and "--snapshots" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_non_empty_out_is_refused(run, data_dir, capsys):
     before = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit) as e:

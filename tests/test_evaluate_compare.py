@@ -249,12 +249,13 @@ def test_snapshots_are_the_weights_at_their_image_count_and_curve_scores_each_on
 ):
     run = tmp_path / "snap"
     # 256 images per epoch in batches of 32: 64 images are seen after step 2, 160 after step 5.
-    ddpm_train.main(["--out", str(run), "--data-dir", data_dir, *TINY_DDPM, "--snapshots", "64,160"])
+    fixed = ["--data-dir", data_dir, *TINY_DDPM, "--minutes", "0"]  # the lr by steps, not the clock
+    ddpm_train.main(["--out", str(run), *fixed, "--snapshots", "64,160"])
     snap = torch.load(run / "snapshots" / "images_0000064.pt", weights_only=True)
     assert (snap["step"], snap["images"]) == (2, 64)
     # The same run stopped after 2 steps (--max-steps leaves the lr schedule as it is) has the
     # snapshot's weights, raw and EMA, exactly.
-    ddpm_train.main(["--out", str(tmp_path / "two"), "--data-dir", data_dir, *TINY_DDPM, "--max-steps", "2"])
+    ddpm_train.main(["--out", str(tmp_path / "two"), *fixed, "--max-steps", "2"])
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     for key in ("model", "ema"):
         assert all(torch.equal(snap[key][k], two[key][k]) for k in two[key])

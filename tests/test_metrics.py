@@ -16,6 +16,8 @@ from common import score as score_cli
 from common.data import load_mnist
 from common.judge import JudgeConfig, load_judge, train_classifier
 from common.metrics import (
+    EFFICIENCY_GOAL,
+    GOAL,
     accuracy,
     class_histogram,
     entropy_bits,
@@ -223,3 +225,15 @@ def test_train_classifier_refuses_to_overwrite(judge_dir, capsys):
     with pytest.raises(SystemExit) as e:
         judge_cli.main(["--out", judge_dir])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_goals_hold_at_their_n_steps_accuracy_and_ratio():
+    good = {"n": 5000, "accuracy": 0.995, "fd_ratio": 1.4}
+    assert GOAL.met(good, 20) and not GOAL.met(good, 21)
+    assert GOAL.met({**good, "n": 100}, 20)  # GOAL holds at any N
+    assert EFFICIENCY_GOAL.met({**good, "fd_ratio": 1.9}, 10) and not EFFICIENCY_GOAL.met(good, 11)
+    assert not EFFICIENCY_GOAL.met({**good, "n": 1000}, 10)  # a ratio at N = 1000 flatters: not counted
+    assert not EFFICIENCY_GOAL.met({**good, "accuracy": 0.989}, 10)
+    assert not EFFICIENCY_GOAL.met({**good, "fd_ratio": 2.01}, 10)
+    assert not EFFICIENCY_GOAL.met({**good, "fd_ratio": None}, 10)
+    assert "N >= 5000" in str(EFFICIENCY_GOAL) and "N >=" not in str(GOAL)

@@ -4,8 +4,8 @@ Writes <run>/metrics.json (and prints it) and <run>/samples.npz, the scored samp
 - likelihood on the MNIST test set: the one-sample negative ELBO (Kingma & Welling 2013,
   eq. 10) and the negative IWAE bound with k = 1000 importance samples (Burda et al. 2015,
   eq. 8), in nats per image and in bits per dimension (nats / (784 ln 2));
-- sample metrics from the judge classifier (common.score) for N = 1000 samples,
-  100 per digit for the conditional VAE: MNIST-FD with its floor, accuracy, precision,
+- sample metrics from the judge classifier (common.score) for N = 5000 samples (--n),
+  500 per digit for the conditional VAE: MNIST-FD with its floor, accuracy, precision,
   recall, class histogram and entropy, nearest-training-neighbour distances;
 - sampling time per 100 images, training wall time, images seen, parameter count.
 
