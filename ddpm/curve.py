@@ -38,6 +38,7 @@ from common.reference import FLOOR_DRAWS
 from common.runtime import pick_device
 from common.score import score
 from ddpm.config import load_model
+from ddpm.evaluate import training_summary
 from ddpm.sample import generate, requested_labels, spec_for
 from ddpm.samplers import SamplerSpec
 
@@ -73,11 +74,11 @@ def score_point(path: Path, spec: SamplerSpec, a: Any, judge: Any, kept: list[di
     scored, or the point in `kept` (curve.json) that did exactly that already."""
     model, diffusion, ckpt = load_model(path, pick_device(a.device), use_ema=not a.raw_weights)
     spec = spec_for(spec, diffusion)
-    step, batch = int(ckpt["step"]), int(ckpt["config"]["batch_size"]) * int(ckpt.get("world_size", 1))
+    train = training_summary(ckpt)
     point: dict[str, Any] = {
         "file": path.name if path.parent.name != "snapshots" else f"snapshots/{path.name}",
-        "step": step,
-        "images": int(ckpt.get("images") or step * batch),  # a snapshot records its own count
+        "step": train["steps"],
+        "images": int(ckpt.get("images") or train["images_seen"]),  # a snapshot records its own count
         "train_seconds": ckpt.get("seconds"),
         "spec": asdict(spec),
         "label": spec.label,

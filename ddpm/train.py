@@ -183,10 +183,8 @@ def train(cfg: DDPMConfig, d: distributed.Dist, resume: bool = False, overwrite:
 def end_epoch(out: Path, s: TrainState, loop: Loop, cfg: DDPMConfig, loss: float) -> None:
     """At an epoch's end, or where training stops: the checkpoint, a sample grid (not after a stop
     by signal or --max-steps), and a line on stdout."""
-    save_checkpoint(out / "checkpoint.pt", {
-        "kind": "ddpm", "model": s.model.state_dict(), "ema": s.ema.module.state_dict(),
-        "optimizer": s.opt.state_dict(), **loop.state(), "config": asdict(cfg),
-    })  # fmt: skip
+    state = {**weights(s, cfg), "optimizer": s.opt.state_dict(), **loop.state()}
+    save_checkpoint(out / "checkpoint.pt", state)
     if loop.epoch_done or loop.time_frac >= 1:  # the budget-cut final model's grid too
         name = f"epoch_{loop.epoch:03d}" if loop.epoch_done else f"step_{loop.step:06d}"
         sample_grid(s.diffusion, s.ema.module, out / "samples" / f"{name}.png")
@@ -202,10 +200,15 @@ def save_snapshots(out: Path, s: TrainState, loop: Loop, cfg: DDPMConfig) -> Non
     for count in (c for c in cfg.snapshots if before < c <= after):
         (out / "snapshots").mkdir(exist_ok=True)
         save_checkpoint(out / "snapshots" / f"images_{count:07d}.pt", {
-            "kind": "ddpm", "model": s.model.state_dict(), "ema": s.ema.module.state_dict(),
-            "config": asdict(cfg), "step": loop.step + 1, "images": after, "seconds": loop.seconds,
+            **weights(s, cfg), "step": loop.step + 1, "images": after, "seconds": loop.seconds,
             "world_size": loop.d.world_size,
         })  # fmt: skip
+
+
+def weights(s: TrainState, cfg: DDPMConfig) -> dict:
+    """What every checkpoint file holds: its kind, the raw and EMA weights, and the config."""
+    ema = s.ema.module.state_dict()
+    return {"kind": "ddpm", "model": s.model.state_dict(), "ema": ema, "config": asdict(cfg)}
 
 
 def loss_label(cfg: DDPMConfig) -> str:
