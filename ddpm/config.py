@@ -60,6 +60,13 @@ class DDPMConfig:
         "to eps, so the loss, its Min-SNR weight and the samplers are unchanged; --snr-gamma 0 is then the "
         "eps error, not the plain v error)", choices=("eps", "v"),
     )  # fmt: skip
+    noise_levels: str = option(
+        "uniform", "how training draws t: uniform (Ho et al. 2020), or lognormal: ln sigma_t ~ N(--p-mean, "
+        "--p-std^2), sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t (Karras et al. 2022), the loss weights "
+        "unchanged", choices=("uniform", "lognormal"),
+    )  # fmt: skip
+    p_mean: float = option(-1.2, "mean of ln sigma_t with --noise-levels lognormal", float)
+    p_std: float = option(1.2, "std of ln sigma_t with --noise-levels lognormal", positive_float)
     schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
     timesteps: int = option(1000, "T, diffusion steps", at_least_two)
     seed: int = option(0, "seeds the initial weights, the data order and the noise")
@@ -78,9 +85,10 @@ class DDPMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DDPMConfig:
-        """The config a checkpoint or config.json recorded; runs from before the schedule was
-        recorded used the cosine one."""
-        return from_dict(cls, d, missing={"schedule": "cosine", "prediction": "eps"})
+        """The config a checkpoint or config.json recorded; runs from before a field existed
+        trained as it then did (cosine schedule, eps prediction, uniform t)."""
+        missing = {"schedule": "cosine", "prediction": "eps", "noise_levels": "uniform"}
+        return from_dict(cls, d, missing=missing)
 
 
 class VPrediction(torch.nn.Module):

@@ -10,7 +10,8 @@ machine ends on time with an annealed model. Checkpoints are written at each epo
 the budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues (exactly, when
 the budget does not bind, e.g. with --minutes 0). Under `torchrun` it trains data-parallel.
 --snapshots also keeps the weights at chosen image counts (for `ddpm.curve`); --prediction v
-trains a UNet that predicts v instead of eps (`ddpm.config.VPrediction`).
+trains a UNet that predicts v instead of eps (`ddpm.config.VPrediction`); --noise-levels lognormal
+draws t so that ln sigma_t is normal (`GaussianDiffusion.lognormal_t_probs`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TrainState:
     ema: AveragedModel
     opt: torch.optim.Optimizer
     diffusion: GaussianDiffusion
+    t_probs: torch.Tensor | None = None  # P(t) [T] for the training steps; None: uniform
 
 
 def train_step(
@@ -67,7 +69,10 @@ def train_step(
     loss, detached. Ho et al. 2020, Algorithm 1, with Ho & Salimans 2022's label drop."""
     drop = torch.rand(y.shape, device=y.device) < p_uncond  # the null label: learn p(x) as well as p(x|y)
     y = torch.where(drop, torch.full_like(y, s.model.null_label), y)
-    t = torch.randint(0, s.diffusion.T, (len(x0),), device=x0.device)  # t ~ Uniform({1, ..., T})
+    if s.t_probs is None:
+        t = torch.randint(0, s.diffusion.T, (len(x0),), device=x0.device)  # t ~ Uniform({1, ..., T})
+    else:  # ln sigma_t ~ N(P_mean, P_std^2), --noise-levels lognormal
+        t = torch.multinomial(s.t_probs, len(x0), replacement=True)
     eps = torch.randn_like(x0)  # eps ~ N(0, I)
     xt = s.diffusion.q_sample(x0, t, eps)  # sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=x0.device.type == "cuda"):
@@ -154,7 +159,9 @@ def train(cfg: DDPMConfig, d: distributed.Dist, resume: bool = False, overwrite:
             print(f"resumed {out} at step {loop.step} (epoch {loop.epoch + 1})")
     loop.seed_ranks()
     net = DistributedDataParallel(model) if d.enabled else model  # averages gradients across ranks
-    state = TrainState(model, torch.compile(net) if cfg.compile else net, ema, opt, diffusion)
+    lognormal = cfg.noise_levels == "lognormal"
+    t_probs = diffusion.lognormal_t_probs(cfg.p_mean, cfg.p_std).to(d.device) if lognormal else None
+    state = TrainState(model, torch.compile(net) if cfg.compile else net, ema, opt, diffusion, t_probs)
     if d.is_main:
         write_json(out / "config.json", {**asdict(cfg), "run": announce(model, loop)})
     log = LossLog(out / "loss.csv", cfg.log_every, loop.global_batch)

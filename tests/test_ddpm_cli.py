@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,16 @@ import torch
 from fake_mnist import write_fake_mnist
 
 from common.checkpoint import load_checkpoint, save_checkpoint
+from common.ema import make_ema
 from common.runtime import count_params
 from common.training import lr_factor
 from ddpm import bench as ddpm_bench
 from ddpm import sample as ddpm_sample
 from ddpm import train as ddpm_train
-from ddpm.config import DDPMConfig, VPrediction, load_model
+from ddpm.config import DDPMConfig, VPrediction, build_model, load_model
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SamplerSpec
+from ddpm.train import TrainState, train_step
 from ddpm.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,3 +344,24 @@ def test_bench_prints_one_json_line_for_the_default_unet(capsys):
     assert 0.05 < r["gflop_per_image"] < 1.0  # the default UNet costs 0.17 GFLOP per image
     assert r["train_img_per_s"] > 0 and r["sample_ms_per_step"] > 0 and r["sample_100_digits_s"] > 0
     assert r["sample_setting"] == SamplerSpec().label and r["sample_passes"] == 14  # 10 steps, 4 guided
+
+
+def test_lognormal_noise_levels_train_at_the_drawn_steps(tmp_path, data_dir):
+    """--noise-levels lognormal: the run records it, and `train_step` draws t from P(t) (here a
+    point mass, so every t the UNet sees is that step); old configs without the field are uniform."""
+    out = tmp_path / "ln"
+    train(out, data_dir, "--epochs", "1", "--max-steps", "2", "--noise-levels", "lognormal", "--p-mean", "-1")
+    cfg = DDPMConfig.from_dict(load_checkpoint(out, "ddpm")["config"])
+    assert (cfg.noise_levels, cfg.p_mean, cfg.p_std) == ("lognormal", -1.0, 1.2)
+    old = {k: v for k, v in asdict(cfg).items() if k != "noise_levels"}
+    assert DDPMConfig.from_dict(old).noise_levels == "uniform"
+
+    model, diffusion = build_model(DDPMConfig(unet=cfg.unet))
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    probs = torch.zeros(diffusion.T)
+    probs[123] = 1.0
+    opt = torch.optim.AdamW(model.parameters())
+    state = TrainState(model, model, make_ema(model, 0.9), opt, diffusion, probs)
+    train_step(state, torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8), 1e-3, 0.1, 5.0, 1.0)
+    assert torch.equal(seen[0], torch.full((8,), 123))

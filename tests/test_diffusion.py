@@ -627,3 +627,21 @@ def test_v_prediction_is_eps_prediction_with_hang_et_al_v_weight(diff):
     snr = a / (1 - a)
     v_loss = (snr.clamp(max=5.0) / (snr + 1)).flatten() * ((v - v_hat) ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(loss.double(), v_loss, rtol=1e-5)
+
+
+def test_lognormal_t_probs_round_a_lognormal_noise_level_to_the_nearest_step(diff):
+    """`lognormal_t_probs` against sampling: draw ln sigma ~ N(-1.2, 1.2^2) directly, send each draw to
+    the step whose ln sigma_t is nearest, and count. The counts must match P(t) (and P sums to 1)."""
+    p = diff.lognormal_t_probs(-1.2, 1.2)
+    assert p.shape == (T,) and (p >= 0).all() and abs(p.double().sum().item() - 1) < 1e-6
+    n = 2_000_000
+    draws = -1.2 + 1.2 * torch.randn(n, generator=gen(70), dtype=F64)
+    log_sigma = diff.sigma.log()
+    i = torch.searchsorted(log_sigma, draws).clamp(1, T - 1)  # neighbours i - 1, i
+    nearest = torch.where(draws - log_sigma[i - 1] < log_sigma[i] - draws, i - 1, i)
+    counts = torch.bincount(nearest, minlength=T).double() / n
+    se = (p.double() * (1 - p.double()) / n).sqrt()  # binomial standard error of each count
+    assert ((counts - p.double()).abs() <= 5 * se + 1e-7).all()
+    # and the draws of t give back the normal's moments of ln sigma_t
+    t = torch.multinomial(p, n, replacement=True, generator=gen(71))
+    assert abs(log_sigma[t].mean().item() + 1.2) < 0.01 and abs(log_sigma[t].std().item() - 1.2) < 0.01
