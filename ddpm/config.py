@@ -2,9 +2,9 @@
 
 `DDPMConfig` is the one place a hyperparameter of the diffusion model lives: each field is a flag
 of `python -m ddpm.train` (common.config), a key of the run's config.json and of its checkpoint.
-`build_model` turns it into (eps model, GaussianDiffusion), the eps model a UNet or, with
-`--prediction v`, a UNet that predicts v wrapped in `VPrediction`; `load_model` does the same
-from a run's checkpoint. Train, sample, evaluate and bench all build through these two.
+`build_model` turns it into (eps model, GaussianDiffusion), the eps model a UNet that predicts v
+wrapped in `VPrediction` (the default) or, with `--prediction eps`, the UNet itself; `load_model`
+does the same from a run's checkpoint. Train, sample, evaluate and bench all build through these two.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class DDPMConfig:
         nonneg_float,
     )
     prediction: str = option(
-        "eps", "what the UNet outputs: eps, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (converted "
-        "to eps, so the loss, its Min-SNR weight and the samplers are unchanged; --snr-gamma 0 is then the "
-        "eps error, not the plain v error)", choices=("eps", "v"),
+        "v", "what the UNet outputs: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (converted to eps, so "
+        "the loss, its Min-SNR weight and the samplers are unchanged; --snr-gamma 0 is then the eps error, "
+        "not the plain v error), or eps itself (Ho et al. 2020)", choices=("v", "eps"),
     )  # fmt: skip
     noise_levels: str = option(
         "uniform", "how training draws t: uniform (Ho et al. 2020), or lognormal: ln sigma_t ~ N(--p-mean, "

@@ -9,9 +9,9 @@ whichever runs out first: the --epochs or the --minutes budget (30 by default), 
 machine ends on time with an annealed model. Checkpoints are written at each epoch's end, when
 the budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues (exactly, when
 the budget does not bind, e.g. with --minutes 0). Under `torchrun` it trains data-parallel.
---snapshots also keeps the weights at chosen image counts (for `ddpm.curve`); --prediction v
-trains a UNet that predicts v instead of eps (`ddpm.config.VPrediction`); --noise-levels lognormal
-draws t so that ln sigma_t is normal (`GaussianDiffusion.lognormal_t_probs`).
+--snapshots also keeps the weights at chosen image counts (for `ddpm.curve`). The UNet predicts
+v, converted to eps (`ddpm.config.VPrediction`; --prediction eps: eps itself);
+--noise-levels lognormal draws t so that ln sigma_t is normal (`GaussianDiffusion.lognormal_t_probs`).
 """
 
 from __future__ import annotations

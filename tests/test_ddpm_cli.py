@@ -108,9 +108,11 @@ def test_a_short_chain_trains_and_draws_its_grid(tmp_path, data_dir):
 
 def test_a_v_prediction_run_trains_samples_and_keeps_its_parameterization(tmp_path, data_dir):
     out = tmp_path / "v"
-    train(out, data_dir, "--epochs", "1", "--max-steps", "3", "--prediction", "v")
+    train(out, data_dir, "--epochs", "1", "--max-steps", "3")  # v is the default
     model, diffusion, ckpt = load_model(out, torch.device("cpu"))
     assert isinstance(model, VPrediction) and ckpt["config"]["prediction"] == "v"
+    train(tmp_path / "eps", data_dir, "--epochs", "1", "--max-steps", "1", "--prediction", "eps")
+    assert type(load_model(tmp_path / "eps", torch.device("cpu"))[0]) is UNet
     xt, t, y = torch.randn(4, 1, 28, 28), torch.randint(0, diffusion.T, (4,)), torch.arange(4)
     with torch.no_grad():  # what every sampler sees is eps, from the UNet's v
         assert torch.allclose(model(xt, t, y), diffusion.eps_from_v(xt, t, model.unet(xt, t, y)))
