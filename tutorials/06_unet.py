@@ -46,6 +46,7 @@ RUNS = (REPO / "results" / "ddpm", REPO / "results" / "tutorials" / "07_train_an
 run = next((r for r in RUNS if (r / "checkpoint.pt").is_file()), None)
 if run is not None:
     model, _, _ = load_model(run, torch.device("cpu"))
+    model = getattr(model, "unet", model)  # a v-predicting run wraps its UNet (ddpm.config.VPrediction)
     print(f"    using the trained weights in {run}")
 else:
     model = UNet(UNetConfig()).eval()

@@ -106,7 +106,8 @@ def algorithm_1_step(model, opt, diffusion, x0, y):
 def tiny_model():
     """A small UNet and its diffusion, with the same initial weights at every call."""
     torch.manual_seed(0)
-    return build_model(DDPMConfig(unet=UNetConfig(8, (1, 2), blocks_per_level=(0, 1), attention_levels=())))
+    unet = UNetConfig(8, (1, 2), blocks_per_level=(0, 1), attention_levels=())
+    return build_model(DDPMConfig(prediction="eps", unet=unet))
 
 
 def flat(model) -> torch.Tensor:
@@ -140,12 +141,15 @@ check("largest weight difference, written out vs train_step", (flat(model_a) - f
 # t drawn uniformly from 1..T. (The project's default run weights each t's term by
 # min(SNR_t, 5) / SNR_t, "Min-SNR", which learns faster per CPU minute (docs/experiments.md);
 # here `--snr-gamma 0` keeps the plain L_simple, so that the logged loss is the eps MSE itself;
-# tutorial 09 looks at what Min-SNR changes.) A network that outputs zeros scores E[eps^2] = 1
-# (our UNet starts there: its last layer is initialised to zero). The loss *per t* tells where
-# the work is. At large t, x_t is almost pure noise, so eps ~ x_t and predicting it is easy. At
-# small t, x_t is almost the clean digit and the network must find a faint noise on top of it:
-# on the flat background that is easy, on the strokes it is hard. We measure it on test digits,
-# which training never saw; a test loss close to the training loss means no overfitting.
+# tutorial 09 looks at what Min-SNR changes. The default run's UNet also outputs
+# v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, converted to eps (`ddpm.config.VPrediction`);
+# here `--prediction eps` keeps Ho et al.'s network, which outputs eps itself.) A network that
+# outputs zeros scores E[eps^2] = 1 (our UNet starts there: its last layer is initialised to
+# zero). The loss *per t* tells where the work is. At large t, x_t is almost pure noise, so
+# eps ~ x_t and predicting it is easy. At small t, x_t is almost the clean digit and the network
+# must find a faint noise on top of it: on the flat background that is easy, on the strokes it
+# is hard. We measure it on test digits, which training never saw; a test loss close to the
+# training loss means no overfitting.
 
 # %%
 step(2, "train a small DDPM with ddpm.train (or load --run)")
@@ -169,7 +173,7 @@ else:
     argv = [
         "--out", str(run), "--overwrite", "--data-dir", str(tut.data_root()), "--device", "cpu",
         "--epochs", "1", "--batch-size", str(tut.size(128, 16)), "--warmup-steps", str(tut.size(50, 2)),
-        "--lr", "2e-3", "--snr-gamma", "0",
+        "--lr", "2e-3", "--snr-gamma", "0", "--prediction", "eps",
         "--log-every", str(tut.size(10, 1)),
         "--base-channels", str(small.base_channels), "--channel-mult", join(small.channel_mult),
         "--blocks-per-level", join(small.blocks_per_level), "--mid-blocks", str(small.mid_blocks),
