@@ -283,23 +283,6 @@ class GaussianDiffusion:
         snr = self._coef("snr", torch.empty(0, device=t.device))[t]  # float32: MPS has no float64
         return snr.clamp(max=gamma) / snr
 
-    def lognormal_t_probs(self, mean: float, std: float) -> torch.Tensor:
-        """P(t) [T], float32, that draws the noise level with ln sigma_t ~ N(mean, std^2) (Karras et
-        al. 2022, sec. 5, their P_mean and P_std), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t):
-
-            P(t) = Phi((m_t - mean) / std) - Phi((m_{t-1} - mean) / std),
-
-        m_t the midpoint of ln sigma_t and ln sigma_{t+1} (m_{-1} = -inf, m_{T-1} = +inf), Phi the
-        standard normal CDF. Training draws t from it instead of uniformly; the loss weights stay
-        as they are, so the objective is reweighted by T P(t) (the point: more steps where the
-        noise level is middling, fewer where it is almost 0 or almost pure noise).
-        """
-        log_sigma = self.sigma.log()  # float64, increasing in t
-        mid = (log_sigma[1:] + log_sigma[:-1]) / 2
-        cdf = 0.5 * (1.0 + torch.erf((mid - mean) / (std * 2.0**0.5)))
-        cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
-        return (cdf[1:] - cdf[:-1]).float()
-
     @torch.no_grad()
     def vlb_bits_per_dim(
         self,

@@ -1,4 +1,5 @@
-"""Noise schedules: the variances beta_t of the forward process q(x_t | x_{t-1}).
+"""Noise schedules: the variances beta_t of the forward process q(x_t | x_{t-1}), and a
+distribution over the steps t for training (`lognormal_t_probs`).
 
 Indexing convention (used everywhere in `ddpm`): arrays have length T and index t is
 0-based, so `betas[0]` is the paper's beta_1 and `betas[T - 1]` its beta_T. Likewise
@@ -54,3 +55,22 @@ def make_betas(schedule: str, T: int = 1000) -> torch.Tensor:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r} (use {' or '.join(map(repr, SCHEDULES))})")
     return SCHEDULES[schedule](T)
+
+
+def lognormal_t_probs(sigma: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """P(t) [T], float32, that draws the noise level with ln sigma_t ~ N(mean, std^2) (Karras et
+    al. 2022, sec. 5, their P_mean and P_std); sigma [T] increasing, e.g. `GaussianDiffusion.sigma`
+    = sqrt((1 - alpha_bar_t) / alpha_bar_t):
+
+        P(t) = Phi((m_t - mean) / std) - Phi((m_{t-1} - mean) / std),
+
+    m_t the midpoint of ln sigma_t and ln sigma_{t+1} (m_{-1} = -inf, m_{T-1} = +inf), Phi the
+    standard normal CDF. Training draws t from it instead of uniformly; the loss weights stay
+    as they are, so the objective is reweighted by T P(t) (the point: more steps where the
+    noise level is middling, fewer where it is almost 0 or almost pure noise).
+    """
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+    mid = (log_sigma[1:] + log_sigma[:-1]) / 2
+    cdf = 0.5 * (1.0 + torch.erf((mid - mean) / (std * 2.0**0.5)))
+    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
+    return (cdf[1:] - cdf[:-1]).float()

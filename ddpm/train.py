@@ -11,7 +11,7 @@ the budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues 
 the budget does not bind, e.g. with --minutes 0). Under `torchrun` it trains data-parallel.
 --snapshots also keeps the weights at chosen image counts (for `ddpm.curve`). The UNet predicts
 v, converted to eps (`ddpm.config.VPrediction`; --prediction eps: eps itself);
---noise-levels lognormal draws t so that ln sigma_t is normal (`GaussianDiffusion.lognormal_t_probs`).
+--noise-levels lognormal draws t so that ln sigma_t is normal (`ddpm.schedule.lognormal_t_probs`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from common.viz import plot_curves, save_digit_grid
 from ddpm.config import DDPMConfig, build_model
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SamplerSpec, sample
+from ddpm.schedule import lognormal_t_probs
 from ddpm.unet import UNet
 
 # The grids drawn during training: comparable over a run (fixed seed), not the best sampler.
@@ -160,7 +161,7 @@ def train(cfg: DDPMConfig, d: distributed.Dist, resume: bool = False, overwrite:
     loop.seed_ranks()
     net = DistributedDataParallel(model) if d.enabled else model  # averages gradients across ranks
     lognormal = cfg.noise_levels == "lognormal"
-    t_probs = diffusion.lognormal_t_probs(cfg.p_mean, cfg.p_std).to(d.device) if lognormal else None
+    t_probs = lognormal_t_probs(diffusion.sigma, cfg.p_mean, cfg.p_std).to(d.device) if lognormal else None
     state = TrainState(model, torch.compile(net) if cfg.compile else net, ema, opt, diffusion, t_probs)
     if d.is_main:
         write_json(out / "config.json", {**asdict(cfg), "run": announce(model, loop)})

@@ -15,7 +15,7 @@ from common.tensor import extract
 from ddpm.config import VPrediction
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import Denoiser, SamplerSpec, sample, timesteps
-from ddpm.schedule import cosine_betas
+from ddpm.schedule import cosine_betas, lognormal_t_probs
 
 F64 = torch.float64
 T = 1000
@@ -630,9 +630,10 @@ def test_v_prediction_is_eps_prediction_with_hang_et_al_v_weight(diff):
 
 
 def test_lognormal_t_probs_round_a_lognormal_noise_level_to_the_nearest_step(diff):
-    """`lognormal_t_probs` against sampling: draw ln sigma ~ N(-1.2, 1.2^2) directly, send each draw to
-    the step whose ln sigma_t is nearest, and count. The counts must match P(t) (and P sums to 1)."""
-    p = diff.lognormal_t_probs(-1.2, 1.2)
+    """`schedule.lognormal_t_probs` against sampling: draw ln sigma ~ N(-1.2, 1.2^2) directly, send
+    each draw to the step whose ln sigma_t is nearest, and count. The counts must match P(t) (and P
+    sums to 1)."""
+    p = lognormal_t_probs(diff.sigma, -1.2, 1.2)
     assert p.shape == (T,) and (p >= 0).all() and abs(p.double().sum().item() - 1) < 1e-6
     n = 2_000_000
     draws = -1.2 + 1.2 * torch.randn(n, generator=gen(70), dtype=F64)
