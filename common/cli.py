@@ -54,6 +54,7 @@ positive_float = _bounded(float, 1e-300, None, "a number > 0")
 nonneg_float = _bounded(float, 0.0, None, "a number >= 0")
 unit_float = _bounded(float, 0.0, 1.0, "a number in [0, 1]")
 digit = _bounded(int, 0, 9, "a digit 0-9")
+finite_float = _bounded(float, -sys.float_info.max, sys.float_info.max, "a finite number")
 
 
 def digit_list(text: str) -> list[int]:

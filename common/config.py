@@ -9,14 +9,16 @@ checkpoint, and `from_dict` reads it back. A field whose default is itself a con
 
 `resume_config` decides what a resumed run trains with: the settings it was started with, except
 the fields marked `resume="flag"` (where and how to run: device, data folder) or `"extend"`
-(how long to train), which the command line may change.
+(how long to train), which the command line may change. Which flags the command line gave
+(`given_fields`) is read from the command line itself, not guessed from values: a flag given at
+its default value is given.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import MISSING, Field, field, fields, replace
+from dataclasses import Field, field, fields, replace
 from typing import Any
 
 from common.cli import UserError
@@ -110,22 +112,39 @@ def from_dict(cls: type, d: dict[str, Any], missing: dict[str, Any] | None = Non
     return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
 
 
-def resume_config(saved: Any, given: Any) -> Any:
+def _field_names(cls: type) -> list[str]:
+    """The names of the fields of config `cls` and of its nested configs (one flag namespace)."""
+    names = []
+    for f in fields(cls):
+        names += _field_names(f.metadata["nested"]) if "nested" in f.metadata else [f.name]
+    return names
+
+
+def given_fields(parser: argparse.ArgumentParser, cls: type, argv: list[str] | None) -> frozenset[str]:
+    """The fields of config `cls` (nested ones included) whose flags the command line `argv` (None:
+    sys.argv) sets, even to their default value. argparse fills in a default only where the
+    namespace lacks the name, so every field starts as a marker that only a given flag replaces."""
+    unset = object()
+    names = _field_names(cls)
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return frozenset(name for name in names if getattr(args, name) is not unset)
+
+
+def resume_config(saved: Any, given: Any, flags: frozenset[str]) -> Any:
     """What a resumed run trains with: `saved` (the run's config), with each field's resume rule
-    applied to `given` (the command line's): 'flag' fields from `given`, 'extend' fields from
-    `given` where it differs from the default, 'keep' fields from `saved`, and a 'keep' field given
-    with another value than the saved one is a UserError that names its flag."""
+    applied to `given` (the command line's config) and `flags` (the fields it set, `given_fields`):
+    'flag' fields from `given`, 'extend' fields from `given` where set, 'keep' fields from `saved`,
+    and a 'keep' field set to another value than the saved one is a UserError that names its flag."""
     values = {}
     for f in fields(saved):
         old, new = getattr(saved, f.name), getattr(given, f.name)
         if "nested" in f.metadata:
-            values[f.name] = resume_config(old, new)
+            values[f.name] = resume_config(old, new, flags)
             continue
         rule = f.metadata.get("resume", "keep")
-        default = f.default if f.default is not MISSING else None
-        if rule == "flag" or (rule == "extend" and new != default):
+        if rule == "flag" or (rule == "extend" and f.name in flags):
             values[f.name] = new
-        elif rule == "keep" and new != old and new != default:
+        elif rule == "keep" and f.name in flags and new != old:
             raise UserError(
                 f"--resume keeps the run's settings: it was trained with {_flag(f)} {_show(old)}, "
                 f"not {_show(new)}; drop the flag or start a new run"

@@ -17,6 +17,7 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.cli import (
     at_least_two,
+    finite_float,
     image_counts,
     nonneg_float,
     nonneg_int,
@@ -65,7 +66,7 @@ class DDPMConfig:
         "--p-std^2), sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t (Karras et al. 2022), the loss weights "
         "unchanged", choices=("uniform", "lognormal"),
     )  # fmt: skip
-    p_mean: float = option(-1.2, "mean of ln sigma_t with --noise-levels lognormal", float)
+    p_mean: float = option(-1.2, "mean of ln sigma_t with --noise-levels lognormal", finite_float)
     p_std: float = option(1.2, "std of ln sigma_t with --noise-levels lognormal", positive_float)
     schedule: str = option("cosine", "noise schedule beta_t", choices=tuple(SCHEDULES))
     timesteps: int = option(1000, "T, diffusion steps", at_least_two)

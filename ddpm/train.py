@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from common import distributed
 from common.checkpoint import append_csv, load_checkpoint, read_csv, save_checkpoint, truncate_csv, write_json
 from common.cli import ArgumentParser, user_errors
-from common.config import from_args, resume_config
+from common.config import from_args, given_fields, resume_config
 from common.data import load_mnist, signed_to_uint8, to_signed
 from common.ema import make_ema
 from common.runtime import count_params, seed_everything, versions
@@ -127,22 +127,30 @@ def build_parser() -> ArgumentParser:
 
 @user_errors
 def main(argv: list[str] | None = None) -> UNet:
-    args = build_parser().parse_args(argv)
-    cfg = from_args(DDPMConfig, args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg, flags = from_args(DDPMConfig, args), given_fields(parser, DDPMConfig, argv)
     d = distributed.setup(cfg.device)
     try:
-        return train(cfg, d, resume=args.resume, overwrite=args.overwrite)
+        return train(cfg, d, resume=args.resume, overwrite=args.overwrite, flags=flags)
     finally:
         distributed.cleanup(d)
 
 
-def train(cfg: DDPMConfig, d: distributed.Dist, resume: bool = False, overwrite: bool = False) -> UNet:
+def train(
+    cfg: DDPMConfig,
+    d: distributed.Dist,
+    resume: bool = False,
+    overwrite: bool = False,
+    flags: frozenset = frozenset(),
+) -> UNet:
     """The training loop; `d` says which rank of how many this process is (1 without torchrun).
+    `flags`: the fields the command line set, which a resumed run takes or refuses (`resume_config`).
     Returns this rank's trained (raw, not EMA) model."""
     images, labels = load_mnist(train=True, data_dir=cfg.data_dir)  # before touching --out
     out = open_run_dir(cfg.out, d, resume, overwrite)
     ckpt = load_checkpoint(out, "ddpm", map_location=d.device) if resume else None
-    cfg = resume_config(DDPMConfig.from_dict(ckpt["config"]), cfg) if ckpt else cfg
+    cfg = resume_config(DDPMConfig.from_dict(ckpt["config"]), cfg, flags) if ckpt else cfg
     loop = Loop(len(images), cfg.batch_size, cfg.epochs, d, cfg.seed, cfg.minutes, cfg.max_steps)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, diffusion = build_model(cfg)

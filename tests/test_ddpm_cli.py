@@ -194,6 +194,21 @@ def test_resume_with_another_unet_is_refused(tmp_path, data_dir, capsys):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_counts_a_flag_given_at_its_default_value(tmp_path, data_dir, capsys):
+    # --prediction v and --epochs 6 are the defaults, and given they are still given: a resumed eps
+    # run refuses the first (it does not silently stay eps) and extends its 1 epoch to the second
+    out = tmp_path / "eps"
+    train(out, data_dir, "--epochs", "1", "--prediction", "eps")
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train(out, data_dir, "--resume", "--prediction", "v")
+    assert e.value.code == 2 and "--prediction eps" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    train(out, data_dir, "--resume", "--epochs", "6", "--max-steps", "10")
+    ckpt = load_checkpoint(out, "ddpm")
+    assert ckpt["step"] == 10 and ckpt["config"]["epochs"] == 6 and ckpt["config"]["prediction"] == "eps"
+
+
 @pytest.mark.parametrize("counts", ["0,100", "200,100", "100,100", "1e5"])
 def test_snapshot_counts_must_be_increasing_positive_integers(tmp_path, data_dir, capsys, counts):
     with pytest.raises(SystemExit) as e:

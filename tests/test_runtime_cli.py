@@ -1,9 +1,10 @@
-"""common.tensor, common.runtime and common.cli."""
+"""common.tensor, common.runtime, common.cli and common.config's flags."""
 
 from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from common import cli
 from common.cli import UserError, user_errors
+from common.config import add_flags, given_fields, nested, option, resume_config
 from common.runtime import count_params, pick_device, rng_state, seed_everything, set_rng_state, versions
 from common.tensor import extract, mean_flat, sum_flat
 
@@ -117,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wd", type=cli.nonneg_float)
     p.add_argument("--p", type=cli.unit_float)
     p.add_argument("--digit", type=cli.digit)
+    p.add_argument("--mean", type=cli.finite_float)
     p.add_argument("--labels", type=cli.digit_list)
     return p
 
@@ -124,10 +127,10 @@ def _parser() -> argparse.ArgumentParser:
 def test_cli_types_accept_good_values():
     args = _parser().parse_args(
         ["--n", "3", "--k", "0", "--lr", "2e-4", "--wd", "0", "--p", "1", "--digit", "9",
-         "--labels", "0, 3,9"]
+         "--labels", "0, 3,9", "--mean", "-1.2"]
     )
     assert (args.n, args.k, args.lr, args.wd, args.p, args.digit) == (3, 0, 2e-4, 0.0, 1.0, 9)
-    assert args.labels == [0, 3, 9]
+    assert args.labels == [0, 3, 9] and args.mean == -1.2
 
 
 @pytest.mark.parametrize(
@@ -140,6 +143,7 @@ def test_cli_types_accept_good_values():
         ("--p", "1.5"), ("--p", "-0.01"), ("--p", "nan"),
         ("--digit", "10"), ("--digit", "-1"),
         ("--labels", "1,2,10"), ("--labels", "1,x"),
+        ("--mean", "nan"), ("--mean", "inf"), ("--mean", "-inf"), ("--mean", "x"),
     ],
 )
 def test_cli_types_reject_bad_values_with_exit_2(capsys, flag, value):
@@ -173,3 +177,41 @@ def test_user_errors_leaves_bugs_alone():
 
     with pytest.raises(ValueError):
         main()
+
+
+# ---------------------------------------------------------------- config flags and --resume
+
+
+@dataclass(frozen=True)
+class _Inner:
+    width: int = option(16, "a nested field")
+
+
+@dataclass(frozen=True)
+class _Config:
+    lr: float = option(4e-3, "a kept field")
+    epochs: int = option(6, "an extended field", resume="extend")
+    compile: bool = option(False, "a boolean flag", resume="flag")
+    inner: _Inner = nested(_Inner)
+
+
+def test_given_fields_reads_the_command_line_not_the_values():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, _Config)
+    parser.add_argument("--resume", action="store_true")
+    argv = ["--lr", "4e-3", "--no-compile", "--width", "16", "--resume"]  # each at its default
+    assert given_fields(parser, _Config, argv) == {"lr", "compile", "width"}
+    assert given_fields(parser, _Config, ["--epochs", "2"]) == {"epochs"}
+    assert given_fields(parser, _Config, []) == frozenset()
+
+
+def test_resume_config_follows_the_flags_given():
+    saved = _Config(lr=1e-3, epochs=2, inner=_Inner(width=8))
+    # given at the default value, an 'extend' field still extends; not given, it stays
+    assert resume_config(saved, _Config(), frozenset({"epochs"})).epochs == 6
+    assert resume_config(saved, _Config(), frozenset()) == saved
+    # a 'keep' field given at the default value is refused, nested ones too
+    for flags, name in ((frozenset({"lr"}), "--lr 0.001"), (frozenset({"width"}), "--width 8")):
+        with pytest.raises(UserError, match=name):
+            resume_config(saved, _Config(), flags)
+    assert resume_config(saved, _Config(lr=1e-3), frozenset({"lr"})) == saved  # the same value: fine

@@ -39,7 +39,7 @@ from common.checkpoint import (
     write_json,
 )
 from common.cli import ArgumentParser, positive_float, positive_int, unit_float, user_errors
-from common.config import from_args, from_dict, nested, option, resume_config
+from common.config import from_args, from_dict, given_fields, nested, option, resume_config
 from common.data import DATA_DIR_HELP, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.runtime import count_params, seed_everything, versions
@@ -104,23 +104,30 @@ def build_parser() -> ArgumentParser:
 @user_errors
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; returns the last epoch's metrics (nats per image; empty on ranks other than 0)."""
-    args = build_parser().parse_args(argv)
-    cfg = from_args(TrainConfig, args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg, flags = from_args(TrainConfig, args), given_fields(parser, TrainConfig, argv)
     d = distributed.setup(cfg.device)
     try:
         command = "python -m vaegen.train " + " ".join(sys.argv[1:] if argv is None else argv)
-        return train(cfg, d, args.resume, args.overwrite, command)
+        return train(cfg, d, args.resume, args.overwrite, command, flags)
     finally:
         distributed.cleanup(d)
 
 
 def train(
-    cfg: TrainConfig, d: distributed.Dist, resume: bool, overwrite: bool, command: str
+    cfg: TrainConfig,
+    d: distributed.Dist,
+    resume: bool,
+    overwrite: bool,
+    command: str,
+    flags: frozenset = frozenset(),
 ) -> dict[str, Any]:
-    """The training loop; `d` says which rank of how many this process is (1 without torchrun)."""
+    """The training loop; `d` says which rank of how many this process is (1 without torchrun).
+    `flags`: the fields the command line set, which a resumed run takes or refuses (`resume_config`)."""
     out = open_run_dir(cfg.out, d, resume, overwrite)
     ckpt = load_checkpoint(out, "vae", map_location=d.device) if resume else None
-    cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg) if ckpt else cfg
+    cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg, flags) if ckpt else cfg
     # The whole data set lives in memory as float [N, 784]; batches are index slices.
     x_train, y_train = load_mnist(train=True, data_dir=cfg.data_dir, image_size=cfg.model.image_size)
     x_test, y_test = load_mnist(train=False, data_dir=cfg.data_dir, image_size=cfg.model.image_size)
