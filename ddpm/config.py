@@ -44,7 +44,7 @@ class DDPMConfig:
     )  # fmt: skip
     max_steps: int | None = option(None, "stop after N optimizer steps", positive_int, resume="flag")
     batch_size: int = option(64, "images per optimizer step (per process under torchrun)", positive_int)
-    lr: float = option(4e-3, "peak AdamW learning rate", positive_float)
+    lr: float = option(2e-3, "peak AdamW learning rate", positive_float)
     warmup_steps: int = option(
         200, "linear warm-up, then cosine decay to 0 over --epochs (or --minutes, if shorter)", nonneg_int
     )
