@@ -38,8 +38,9 @@ def _bounded(cast: Callable[[str], Any], low: float | None, high: float | None, 
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        # value != value catches NaN, which passes every comparison below
-        if value != value or (low is not None and value < low) or (high is not None and value > high):
+        # NaN passes every comparison and inf every missing bound: no flag here takes either
+        too_low, too_high = low is not None and value < low, high is not None and value > high
+        if not math.isfinite(value) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -50,11 +51,11 @@ def _bounded(cast: Callable[[str], Any], low: float | None, high: float | None, 
 positive_int = _bounded(int, 1, None, "an integer >= 1")
 at_least_two = _bounded(int, 2, None, "an integer >= 2")
 nonneg_int = _bounded(int, 0, None, "an integer >= 0")
-positive_float = _bounded(float, 1e-300, sys.float_info.max, "a finite number > 0")
-nonneg_float = _bounded(float, 0.0, sys.float_info.max, "a finite number >= 0")
+positive_float = _bounded(float, 1e-300, None, "a finite number > 0")
+nonneg_float = _bounded(float, 0.0, None, "a finite number >= 0")
 unit_float = _bounded(float, 0.0, 1.0, "a number in [0, 1]")
 digit = _bounded(int, 0, 9, "a digit 0-9")
-finite_float = _bounded(float, -sys.float_info.max, sys.float_info.max, "a finite number")
+finite_float = _bounded(float, None, None, "a finite number")
 
 
 def digit_list(text: str) -> list[int]:
