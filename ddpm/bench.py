@@ -25,7 +25,7 @@ from common.runtime import count_params, pick_device
 from ddpm.config import DDPMConfig, build_model
 from ddpm.sample import generate
 from ddpm.samplers import SamplerSpec
-from ddpm.train import TrainState, train_step
+from ddpm.train import TrainState, train_step, training_t_probs
 from ddpm.unet import UNetConfig
 
 
@@ -78,7 +78,8 @@ def measure(
     gflop = gflop_per_image(model)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = TrainState(model, model, make_ema(model, cfg.ema_decay, warmup=True), opt, diffusion)
+    ema = make_ema(model, cfg.ema_decay, warmup=True)
+    state = TrainState(model, model, ema, opt, diffusion, training_t_probs(cfg, diffusion, device))
     x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
     y = torch.randint(0, 10, (batch,), device=device)
     for i in range(steps + 3):  # 3 warm-up steps

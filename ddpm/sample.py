@@ -2,7 +2,7 @@
 
 Writes the shared samples format (`images` uint8 [N, 28, 28], `labels` int64 [N]) and a PNG
 grid beside it, with the EMA weights unless --raw-weights. The default setting: 10 Karras-spaced
-steps of DPM-Solver++(2M) (--sampler dpm2m) down to sigma 0.1, guided at w = 0.4 where sigma_t
+steps of DPM-Solver++(2M) (--sampler dpm2m) down to sigma 0.1, guided at w = 0.35 where sigma_t
 is in (0.28, 5.42] (docs/experiments.md says how it was chosen). `--sampler ddpm --steps 1000`
 is the original ancestral sampler of Ho et al. (all T steps, down to t = 0); `--sampler ddim`
 is DDIM, deterministic with --eta 0.

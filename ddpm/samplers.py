@@ -255,7 +255,7 @@ class SamplerSpec:
         "lowest-noise steps (0: end at t = 0; a sampler visiting all T steps always does)", nonneg_or_none,
     )  # fmt: skip
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 ~ DDPM", unit_float)
-    guidance: float = option(0.4, "classifier-free guidance w: eps = (1+w) eps(x,y) - w eps(x,null)",
+    guidance: float = option(0.35, "classifier-free guidance w: eps = (1+w) eps(x,y) - w eps(x,null)",
                              nonneg_float)  # fmt: skip
     guidance_interval: tuple[float, float] | None = option(
         (0.28, 5.42), "guide only the steps whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) "
@@ -315,7 +315,7 @@ class SamplerSpec:
 
     @property
     def label(self) -> str:
-        """For people: 'DPM-Solver++(2M), Karras spacing, ..., 10 steps, w = 0.4'."""
+        """For people: 'DPM-Solver++(2M), Karras spacing, ..., 10 steps, w = 0.35'."""
         return f"{self.method}, {self.steps} steps, w = {self.guidance:g}"
 
 

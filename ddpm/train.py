@@ -10,8 +10,8 @@ machine ends on time with an annealed model. Checkpoints are written at each epo
 the budget or --max-steps runs out, and on Ctrl-C / SIGTERM; --resume continues (exactly, when
 the budget does not bind, e.g. with --minutes 0). Under `torchrun` it trains data-parallel.
 --snapshots also keeps the weights at chosen image counts (for `ddpm.curve`). The UNet predicts
-v, converted to eps (`ddpm.config.VPrediction`; --prediction eps: eps itself);
---noise-levels lognormal draws t so that ln sigma_t is normal (`ddpm.schedule.lognormal_t_probs`).
+v, converted to eps (`ddpm.config.VPrediction`; --prediction eps: eps itself), and t is drawn so
+that ln sigma_t is normal (`ddpm.schedule.lognormal_t_probs`; --noise-levels uniform: Ho et al.).
 """
 
 from __future__ import annotations
@@ -54,7 +54,18 @@ class TrainState:
     ema: AveragedModel
     opt: torch.optim.Optimizer
     diffusion: GaussianDiffusion
-    t_probs: torch.Tensor | None = None  # P(t) [T] for the training steps; None: uniform
+    t_probs: torch.Tensor | None = None  # P(t) [T] for the training steps (`training_t_probs`); None: uniform
+
+
+def training_t_probs(
+    cfg: DDPMConfig, diffusion: GaussianDiffusion, device: torch.device
+) -> torch.Tensor | None:
+    """P(t) [T] on `device` that `train_step` draws t from (--noise-levels lognormal), or None: uniform t."""
+    if cfg.noise_levels == "uniform":
+        return None
+    if cfg.noise_levels == "lognormal":
+        return lognormal_t_probs(diffusion.sigma, cfg.p_mean, cfg.p_std).to(device)
+    raise ValueError(f"unknown noise_levels {cfg.noise_levels!r} (use 'lognormal' or 'uniform')")
 
 
 def train_step(
@@ -168,8 +179,7 @@ def train(
             print(f"resumed {out} at step {loop.step} (epoch {loop.epoch + 1})")
     loop.seed_ranks()
     net = DistributedDataParallel(model) if d.enabled else model  # averages gradients across ranks
-    lognormal = cfg.noise_levels == "lognormal"
-    t_probs = lognormal_t_probs(diffusion.sigma, cfg.p_mean, cfg.p_std).to(d.device) if lognormal else None
+    t_probs = training_t_probs(cfg, diffusion, d.device)
     state = TrainState(model, torch.compile(net) if cfg.compile else net, ema, opt, diffusion, t_probs)
     if d.is_main:
         write_json(out / "config.json", {**asdict(cfg), "run": announce(model, loop)})

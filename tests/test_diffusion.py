@@ -297,7 +297,7 @@ def test_a_sampler_visiting_all_steps_ends_at_t0_whatever_sigma_min():
     # `ddpm.sample --sampler ddpm --steps 1000` with the default --sigma-min: every t is visited,
     # so there is no step to skip and nothing to space.
     full = SamplerSpec("ddpm", T, "karras", sigma_min=0.1).for_model(DIFF)
-    assert full.sigma_min is None and full.spacing == "uniform" and full.name == "ddpm1000_w0.4_gi0.28-5.42"
+    assert full.sigma_min is None and full.spacing == "uniform" and full.name == "ddpm1000_w0.35_gi0.28-5.42"
     assert SamplerSpec("ddpm", 10, sigma_min=0.1).for_model(DIFF).sigma_min == 0.1
     with pytest.raises(ValueError, match="more than the model's T"):
         SamplerSpec("ddpm", T + 1).for_model(DIFF)
@@ -488,9 +488,9 @@ def test_sample_determinism_under_generator(diff):
 
 def test_spec_names_labels_and_normalises():
     default = SamplerSpec()
-    assert default.name == "dpm2m10_w0.4_karras_smin0.1_gi0.28-5.42"
+    assert default.name == "dpm2m10_w0.35_karras_smin0.1_gi0.28-5.42"
     assert default.label == (
-        "DPM-Solver++(2M), Karras spacing, to sigma 0.1, guided in sigma (0.28, 5.42], 10 steps, w = 0.4"
+        "DPM-Solver++(2M), Karras spacing, to sigma 0.1, guided in sigma (0.28, 5.42], 10 steps, w = 0.35"
     )
     # what cannot matter is dropped: eta but for DDIM, the interval without guidance, sigma_min 0
     assert SamplerSpec("dpm2m", eta=0.5) == SamplerSpec("dpm2m")

@@ -142,9 +142,12 @@ check("largest weight difference, written out vs train_step", (flat(model_a) - f
 # min(SNR_t, 5) / SNR_t, "Min-SNR", which learns faster per CPU minute (docs/experiments.md);
 # here `--snr-gamma 0` keeps the plain L_simple, so that the logged loss is the eps MSE itself;
 # tutorial 09 looks at what Min-SNR changes. The default run's UNet also outputs
-# v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, converted to eps (`ddpm.config.VPrediction`);
-# here `--prediction eps` keeps Ho et al.'s network, which outputs eps itself.) A network that
-# outputs zeros scores E[eps^2] = 1 (our UNet starts there: its last layer is initialised to
+# v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, converted to eps (`ddpm.config.VPrediction`),
+# and the default run draws t so that the noise level sigma_t = sqrt((1 - alpha_bar_t) /
+# alpha_bar_t) is log-normal, half the steps at sigma in (1, 5.4]
+# (`ddpm.schedule.lognormal_t_probs`); here `--prediction eps --noise-levels uniform` keep Ho et
+# al.'s network, which outputs eps itself, and their uniform t.) A network that outputs zeros
+# scores E[eps^2] = 1 (our UNet starts there: its last layer is initialised to
 # zero). The loss *per t* tells where the work is. At large t, x_t is almost pure noise, so
 # eps ~ x_t and predicting it is easy. At small t, x_t is almost the clean digit and the network
 # must find a faint noise on top of it: on the flat background that is easy, on the strokes it
@@ -173,7 +176,7 @@ else:
     argv = [
         "--out", str(run), "--overwrite", "--data-dir", str(tut.data_root()), "--device", "cpu",
         "--epochs", "1", "--batch-size", str(tut.size(128, 16)), "--warmup-steps", str(tut.size(50, 2)),
-        "--lr", "2e-3", "--snr-gamma", "0", "--prediction", "eps",
+        "--lr", "2e-3", "--snr-gamma", "0", "--prediction", "eps", "--noise-levels", "uniform",
         "--log-every", str(tut.size(10, 1)),
         "--base-channels", str(small.base_channels), "--channel-mult", join(small.channel_mult),
         "--blocks-per-level", join(small.blocks_per_level), "--mid-blocks", str(small.mid_blocks),
@@ -277,7 +280,7 @@ tut.save(fig, "training.png")
 # %%
 step(3, "Algorithm 2 as a loop over p_step, against ddpm.samplers.sample; the trajectory")
 judge = knn_judge(x_train_u8[:10_000], y_train[:10_000])
-W = 1.0  # guidance at every step, in sections 3 and 5 (ddpm.sample guides at 0.5, in an interval)
+W = 1.0  # guidance at every step, in sections 3 and 5 (ddpm.sample guides at 0.35, in an interval)
 SEED = 7
 y10 = torch.arange(10)
 

@@ -283,7 +283,7 @@ settings = {
     "DPM-Solver++(2M), even": setting("dpm2m", 10, guidance=w, clip=True),
     "+ Karras spacing": setting("dpm2m", 10, "karras", guidance=w, clip=True),
     "+ sigma_min 0.1": setting("dpm2m", 10, "karras", sigma_min=0.1, guidance=w, clip=True),
-    "+ guidance interval (ddpm.sample)": SamplerSpec(),
+    "+ guidance interval (ddpm.sample)": SamplerSpec(guidance=w),  # its setting, at this w
 }
 n = tut.size(1000, 40)
 y = requested_labels(n, None, None)
