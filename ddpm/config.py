@@ -49,7 +49,10 @@ class DDPMConfig:
         200, "linear warm-up, then cosine decay to 0 over --epochs (or --minutes, if shorter)", nonneg_int
     )
     grad_clip: float = option(1.0, "max gradient norm (0: off)", nonneg_float)
-    ema_decay: float = option(0.999, "decay of the weights' moving average (sampled from)", unit_float)
+    ema_decay: float = option(
+        0.999, "decay of the weights' moving average (sampled from); the warm-up's lower decay "
+        "(1+n)/(10+n) rules until step (10d-1)/(1-d), 8,991 for 0.999 (common.ema)", unit_float,
+    )  # fmt: skip
     p_uncond: float = option(0.1, "probability of dropping the label (classifier-free guidance)", unit_float)
     snr_gamma: float = option(
         5.0,

@@ -101,3 +101,26 @@ def test_warmup_forgets_the_initial_weights():
     w, p = _float_tensors(warm.module)[0], _float_tensors(plain.module)[0]
     torch.testing.assert_close(w, torch.full_like(w, new - expected_share), rtol=0, atol=1e-12)
     assert (new - w).max() < 1e-3 * (new - p).min()  # plain EMA still holds 0.999^2000 = 13.5%
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.9995])
+def test_warmup_average_is_a_power_function_of_the_step_until_decay_binds(decay):
+    """With the warm-up, N < (10 d - 1) / (1 - d) updates leave the average sum_k c_k theta_k with the
+    closed form c_0 = 10! N! / (N + 9)! (the first update copies) and, for k >= 1,
+    c_k = 9 N! (k + 9)! / ((k + 1)! (N + 9)!), proportional to (k + 2)...(k + 9): the decay d never enters."""
+    N = 300
+    thetas = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = _model()
+    ema = make_ema(model, decay, warmup=True)
+    for theta in thetas:
+        _fill(model, float(theta))
+        ema.update_parameters(model)
+    k = torch.arange(N, dtype=torch.float64)
+    lgamma = lambda x: torch.lgamma(torch.as_tensor(x, dtype=torch.float64))  # noqa: E731  ln (x - 1)!
+    log_norm = lgamma(N + 1.0) - lgamma(N + 10.0)  # ln N! / (N + 9)!
+    c = 9 * torch.exp(log_norm + lgamma(k + 10) - lgamma(k + 2))
+    c[0] = torch.exp(log_norm + lgamma(11.0))
+    torch.testing.assert_close(c.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-12, atol=0)
+    expected = (c * thetas).sum()
+    for t in _float_tensors(ema.module):
+        torch.testing.assert_close(t, torch.full_like(t, float(expected)), rtol=0, atol=1e-12)
