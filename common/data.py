@@ -122,6 +122,16 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0
 
 
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each pixel x in [0, 1] becomes 1 with probability x, else 0: a Bernoulli draw per pixel.
+
+    Drawn afresh for every training batch, this is "dynamically binarized" MNIST, the benchmark
+    VAE papers report in nats (Burda et al. 2016, section 5.1; Salakhutdinov & Murray 2008 drew
+    it once). x: float [...] in [0, 1] -> float [...] in {0, 1}.
+    """
+    return torch.bernoulli(x, generator=generator)
+
+
 def to_signed(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float [-1, 1] (the DDPM's data space)."""
     return images.float() / 127.5 - 1.0

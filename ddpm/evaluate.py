@@ -10,7 +10,8 @@ Writes <run>/metrics.json (and prints it), <run>/samples.npz (the best setting's
   memorisation distances; and the wall time to draw 100 digits (median over the batches of 100);
 - the best setting, by the rule in BEST_RULE, and the guidance frontier (FD against accuracy);
 - the variational bound -log p(x0 | y) <= L_T + sum L_{t-1} + L_0 (Ho et al. 2020, eq. 5) in
-  bits per dimension on the first --vlb-n test images, split into prior, KL terms, decoder;
+  bits per dimension on the first --vlb-n test images, split into prior, KL terms, decoder
+  (`ddpm.likelihood`, which also gives the unconditional bound);
 - training wall time, images seen, parameter count (from the checkpoint).
 
 The protocol (docs/results.md): settings are screened at N = 1000, and a number a decision or
@@ -36,7 +37,7 @@ import torch
 from common.checkpoint import existing_run_dir, write_json
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_int, user_errors
 from common.config import add_flags, from_args
-from common.data import DATA_DIR_HELP, load_mnist, to_signed
+from common.data import DATA_DIR_HELP
 from common.figures import plot_frontier
 from common.judge import judge_summary, load_judge
 from common.metrics import GOAL
@@ -45,6 +46,7 @@ from common.samples import save_samples
 from common.score import score
 from ddpm.config import load_model
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.likelihood import test_bound
 from ddpm.sample import generate, requested_labels, spec_for
 from ddpm.samplers import SAMPLERS, SamplerSpec
 from ddpm.unet import UNet
@@ -105,7 +107,11 @@ def build_parser() -> ArgumentParser:
         default=100,
         help="samples per setting for the ancestral sampler with all T steps",
     )
-    p.add_argument("--vlb-n", type=nonneg_int, default=100, help="test images for the VLB (0: skip)")
+    p.add_argument("--vlb-n", type=nonneg_int, default=1000, help="test images for the VLB (0: skip)")
+    p.add_argument(
+        "--vlb-strata", type=nonneg_int, default=50,
+        help="sampled steps per image for the VLB's sum over t (0: all T steps); ddpm.likelihood",
+    )
     add_flags(p, SamplerSpec, defaults=PLAIN, exclude=("sampler", "steps", "guidance"))
     p.add_argument(
         "--batch-size",
@@ -134,37 +140,6 @@ def training_summary(ckpt: dict) -> dict[str, Any]:
         "batch_size": batch,
         "world_size": world,
         "images_seen": int(ckpt["step"]) * batch,
-    }
-
-
-@torch.no_grad()
-def variational_bound(
-    model: torch.nn.Module, diffusion: Any, x0: torch.Tensor, y: torch.Tensor, seed: int, chunk: int = 100
-) -> dict[str, Any]:
-    """Mean VLB terms over test images x0 [N, 1, 28, 28] in [-1, 1] with labels y [N], bits/dim.
-
-    Uses `GaussianDiffusion.vlb_bits_per_dim`: total = prior + terms.sum(1), where terms[:, 0]
-    is the decoder L_0 and terms[:, 1:] the KL terms L_1 .. L_{T-1}.
-    """
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    parts: dict[str, list[torch.Tensor]] = {"total": [], "prior": [], "kl": [], "decoder": []}
-    for start in range(0, len(x0), chunk):
-        out = diffusion.vlb_bits_per_dim(
-            model, x0[start : start + chunk].to(device), y[start : start + chunk].to(device), generator=g
-        )
-        parts["total"].append(out["total"].cpu())
-        parts["prior"].append(out["prior"].cpu())
-        parts["kl"].append(out["terms"][:, 1:].sum(1).cpu())
-        parts["decoder"].append(out["terms"][:, 0].cpu())
-    cat = {k: torch.cat(v).double() for k, v in parts.items()}
-    n = len(cat["total"])
-    return {
-        "bits_per_dim": cat["total"].mean().item(),
-        "bits_per_dim_stderr": (cat["total"].std().item() / n**0.5) if n > 1 else None,
-        "prior_bits_per_dim": cat["prior"].mean().item(),
-        "terms_bits_per_dim": cat["kl"].mean().item(),
-        "decoder_bits_per_dim": cat["decoder"].mean().item(),
     }
 
 
@@ -304,26 +279,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def likelihood_bound(model: UNet, diffusion: GaussianDiffusion, a: argparse.Namespace) -> dict[str, Any]:
-    """`variational_bound` on the first --vlb-n test images, with what metrics.json says of it."""
-    x_test, y_test = load_mnist(train=False, data_dir=a.data_dir)
-    n = min(a.vlb_n, len(x_test))
-    t0 = time.perf_counter()
-    likelihood = variational_bound(model, diffusion, to_signed(x_test[:n]), y_test[:n], a.seed)
-    likelihood.update(
-        test_n=n,
-        subset=f"the first {n} MNIST test images",
-        bound="VLB",
-        of="-log p(x0 | y) (true labels, no guidance)",
-        T=diffusion.T,
-        seconds=time.perf_counter() - t0,
-        note="one-sample estimate of each KL term; discretized Gaussian decoder over 256 levels",
-    )
+    """`ddpm.likelihood.test_bound` on the first --vlb-n test images, given their true labels."""
+    bound = test_bound(model, diffusion, a.vlb_n, "label", a.vlb_strata, a.seed, a.data_dir)
     print(
-        f"VLB {likelihood['bits_per_dim']:.4f} bits/dim on {n} test images ({likelihood['seconds']:.0f} s)",
+        f"VLB {bound['bits_per_dim']:.4f} bits/dim on {bound['test_n']} test images "
+        f"({bound['seconds']:.0f} s)",
         file=sys.stderr,
         flush=True,
     )
-    return likelihood
+    return bound
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def test_train_writes_every_file(vae_run):
     assert ckpt["kind"] == "vae" and ckpt["epoch"] == 2 and ckpt["step"] == 8
     assert {"model", "optimizer", "rng", "config", "images_in_epoch", "world_size"} <= set(ckpt)
     assert ckpt["config"]["model"] == {
-        "hidden": 400, "latent_dim": 20, "conditional": False, "image_size": 28, "num_classes": 10
-    }  # fmt: skip
+        "hidden": 400, "latent_dim": 20, "conditional": False, "decoder": "bernoulli", "image_size": 28,
+        "num_classes": 10,
+    }
     assert ckpt["config"]["batch_size"] == 64
 
 

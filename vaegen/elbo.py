@@ -10,6 +10,10 @@ Burda et al. 2015, eq. 8, tighten it with k importance samples:
 
 Every function returns per-example values [B] in nats; means over a data set and the bits/dim
 conversion happen at the end (`common.distributions.nats_to_bits_per_dim`).
+
+The decoder p_theta(x|z) is Bernoulli (Kingma & Welling's, on grey levels as soft targets: not
+a probability of the data) or a discretized logistic over the 256 levels (Salimans et al. 2017),
+whose -ELBO in bits/dim bounds -log2 P(x) of the 8-bit image, as the DDPM's bound does.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from common.distributions import bernoulli_log_prob, normal_log_prob, standard_normal_kl
 from common.tensor import sum_flat
 from vaegen.model import VAE, reparameterize
+
+LOG_SCALE_MIN = -9.0  # logistic scale >= 1.2e-4: far below a level's width (1/255), never a NaN
 
 
 class ElboTerms(NamedTuple):
@@ -32,13 +39,45 @@ class ElboTerms(NamedTuple):
     kl: torch.Tensor  # KL(q_phi(z|x) || N(0, I))
 
 
-def reconstruction_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """-log p_theta(x|z) = -sum_j [ x_j log y_j + (1 - x_j) log(1 - y_j) ], y = sigmoid(logits).
+def discretized_logistic_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
+    """log P(x) for pixels x on the 256 levels k / 255 of [0, 1] under a logistic(mean, s), elementwise.
 
-    Kingma & Welling 2013, Appendix C.1 (Bernoulli MLP decoder, eq. 11), with grey levels
-    x_j in [0, 1] as targets. x, logits: [B, 784] -> [B].
+    Salimans et al. 2017 (PixelCNN++), eq. 2: each level owns the bin [x - 1/510, x + 1/510] and
+    P(x) = sigmoid((x + 1/510 - mean) / s) - sigmoid((x - 1/510 - mean) / s); the edge bins are
+    open, (-inf, 1/510] at 0 and [1 - 1/510, inf) at 1, so the 256 probabilities sum to 1.
+    The difference is taken in logs, exactly: with a = (x + 1/510 - mean) / s, b = a - 1/(255 s),
+        sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - e^{b - a}),
+    so a bin far in a tail keeps its (tiny) log-probability instead of underflowing to log 0.
     """
-    return -sum_flat(bernoulli_log_prob(x.reshape(logits.shape), logits))
+    inv_s = torch.exp(-log_scale.clamp(min=LOG_SCALE_MIN))
+    a = (x - mean + 0.5 / 255.0) * inv_s
+    b = (x - mean - 0.5 / 255.0) * inv_s
+    log_cdf_a = F.logsigmoid(a)  # the edge bin at 0: P(X <= 1/510)
+    log_sf_b = F.logsigmoid(-b)  # the edge bin at 1: P(X >= 1 - 1/510)
+    log_bin = log_cdf_a + log_sf_b + torch.log(-torch.expm1(-inv_s / 255.0))
+    return torch.where(x < 0.5 / 255.0, log_cdf_a, torch.where(x > 1.0 - 0.5 / 255.0, log_sf_b, log_bin))
+
+
+def decoder_log_prob(decoder: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """log p_theta(x|z) per pixel [..., 784] from the decoder's output (`VAE.decode`) for x [..., 784].
+
+    'bernoulli': x_j log y_j + (1 - x_j) log(1 - y_j), y = sigmoid(logits) (Kingma & Welling 2013,
+    Appendix C.1, eq. 11; grey levels as soft targets). 'logistic': `discretized_logistic_log_prob`
+    with the first 784 outputs the means and the last 784 the log-scales.
+    """
+    if decoder == "bernoulli":
+        return bernoulli_log_prob(x, out)
+    mean, log_scale = out.chunk(2, dim=-1)
+    return discretized_logistic_log_prob(x, mean, log_scale)
+
+
+def reconstruction_nll(x: torch.Tensor, out: torch.Tensor, decoder: str = "bernoulli") -> torch.Tensor:
+    """-log p_theta(x|z) = -sum_j log p_theta(x_j|z) (`decoder_log_prob`). x: [B, 784] in [0, 1],
+    out: the decoder's output for z ~ q_phi(z|x), [B, 784] (Bernoulli) or [B, 1568] -> [B]."""
+    x = x.reshape(*out.shape[:-1], -1)
+    return -sum_flat(decoder_log_prob(decoder, x, out))
 
 
 def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -59,8 +98,9 @@ def elbo_terms(
     VAE wrapped in DistributedDataParallel: everything goes through its forward().
     """
     x = x.reshape(x.shape[0], -1)
-    logits, mu, logvar = model(x, y, eps)
-    recon = reconstruction_nll(x, logits)
+    out, mu, logvar = model(x, y, eps)
+    decoder = getattr(model, "module", model).config.decoder  # DDP keeps the VAE as .module
+    recon = reconstruction_nll(x, out, decoder)
     kl = kl_to_prior(mu, logvar)
     return ElboTerms(recon + kl, recon, kl)
 
@@ -87,8 +127,8 @@ def log_importance_weights(
         c = min(chunk, k - start)
         eps = torch.randn((c, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z = reparameterize(mu, logvar, eps)  # [c, B, J]
-        logits = model.decode(z, y)  # [c, B, 784]
-        log_px_z = bernoulli_log_prob(x.expand_as(logits), logits).sum(-1)
+        params = model.decode(z, y)  # [c, B, 784] (Bernoulli) or [c, B, 1568] (logistic)
+        log_px_z = decoder_log_prob(model.config.decoder, x.expand(c, *x.shape), params).sum(-1)
         log_pz = normal_log_prob(z, zeros, zeros).sum(-1)
         log_qz_x = normal_log_prob(z, mu, logvar).sum(-1)
         out.append(log_px_z + log_pz - log_qz_x)

@@ -4,12 +4,17 @@ Encoder q_phi(z|x) = N(z; mu, diag(sigma^2)) with (mu, log sigma^2) from one hid
 (Appendix C.2, eq. 12); decoder p_theta(x|z) = Bernoulli(sigmoid(logits)) from one hidden
 layer (Appendix C.1, eq. 11). Shapes: x [B, 784] (or [B, 1, 28, 28]) in [0, 1], z [B, J].
 
+With `decoder="logistic"` the same output layer gives, per pixel, the mean and log-scale of a
+discretized logistic over the 256 pixel levels (Salimans et al. 2017, eq. 2): a likelihood of
+the 8-bit data itself, in the same units as the DDPM's bound (`vaegen.elbo`).
+
 The conditional variant (`conditional`) gives the one-hot label y to both networks,
 q_phi(z|x, y) and p_theta(x|z, y), so that samples can be asked for a given digit.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +23,10 @@ from torch import nn
 
 from common.cli import positive_int
 from common.config import from_dict, option
+
+DECODERS = ("bernoulli", "logistic")
+# Outputs per pixel of each decoder: a logit, or a mean and a log-scale.
+DECODER_OUTPUTS = {"bernoulli": 1, "logistic": 2}
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,11 @@ class VAEConfig:
     hidden: int = option(400, "hidden units of the encoder and of the decoder", positive_int)
     latent_dim: int = option(20, "dimension J of z", positive_int)
     conditional: bool = option(False, "class-conditional VAE (the one-hot label in q and p)")
+    decoder: str = option(
+        "bernoulli", "p(x|z): bernoulli (one logit per pixel; grey levels as soft targets) or logistic "
+        "(a discretized logistic over the 256 levels, Salimans et al. 2017: a likelihood of 8-bit data)",
+        choices=DECODERS,
+    )
     image_size: int = option(28, "image side", cli=False)
     num_classes: int = option(10, "digit classes (for the conditional VAE's labels)", cli=False)
 
@@ -72,17 +86,23 @@ class VAE(nn.Module):
         self.enc_logvar = nn.Linear(H, J)
         # Decoder p_theta(x|z[, y]) (Appendix C.1)
         self.dec_hidden = nn.Linear(J + C, H)
-        self.dec_logits = nn.Linear(H, D)
+        self.dec_logits = nn.Linear(H, D * DECODER_OUTPUTS[config.decoder])
 
     @torch.no_grad()
-    def init_output_bias(self, pixel_mean: torch.Tensor) -> None:
-        """Set the decoder's output bias to the data's log-odds, logit(mean pixel).
+    def init_output_bias(self, pixel_mean: torch.Tensor, pixel_std: torch.Tensor | None = None) -> None:
+        """Start the decoder at the average digit: Bernoulli logits logit(mean pixel); for the
+        logistic decoder, means = the mean pixel and scales s = std * sqrt(3) / pi (a logistic's
+        standard deviation is s pi / sqrt(3)).
 
-        The untrained decoder then predicts the average digit, so the first steps fit shapes
-        rather than the overall grey level (docs/experiments.md, "The VAE"). The weights keep
-        PyTorch's default init. pixel_mean: [784] in [0, 1].
+        The first steps then fit shapes rather than the overall grey level (docs/experiments.md,
+        "The VAE"). The weights keep PyTorch's default init. pixel_mean, pixel_std: [784] in [0, 1].
         """
-        self.dec_logits.bias.copy_(torch.logit(pixel_mean.clamp(1e-3, 1 - 1e-3)))
+        if self.config.decoder == "bernoulli":
+            self.dec_logits.bias.copy_(torch.logit(pixel_mean.clamp(1e-3, 1 - 1e-3)))
+            return
+        std = pixel_std if pixel_std is not None else torch.full_like(pixel_mean, 0.3)
+        log_scale = torch.log(std.clamp(min=1e-2) * math.sqrt(3.0) / math.pi)
+        self.dec_logits.bias.copy_(torch.cat([pixel_mean, log_scale]))
 
     @property
     def conditional(self) -> bool:
@@ -110,12 +130,23 @@ class VAE(nn.Module):
         return self.enc_mu(h), self.enc_logvar(h)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """z [..., J] -> Bernoulli logits [..., 784] of p_theta(x|z); sigmoid gives pixel means.
+        """z [..., J] -> the parameters of p_theta(x|z): Bernoulli logits [..., 784], or for the
+        logistic decoder means and log-scales [..., 2 * 784]; `mean_image` turns either into pixels.
 
         y (if conditional) must broadcast against z's leading dims, e.g. y [B] or [B, C] with z [B, J].
         """
         h = F.relu(self.dec_hidden(self._with_label(z, y)))
         return self.dec_logits(h)
+
+    def mean_image(self, out: torch.Tensor) -> torch.Tensor:
+        """What a figure shows of p_theta(x|z): [..., 784] in [0, 1] from `decode`'s output.
+
+        Bernoulli: the pixel means sigmoid(logits). Logistic: the location of each pixel's
+        logistic, clamped to [0, 1] (the levels the edge bins collect).
+        """
+        if self.config.decoder == "bernoulli":
+            return torch.sigmoid(out)
+        return out[..., : self.config.data_dim].clamp(0.0, 1.0)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None

@@ -1,4 +1,4 @@
-"""Draw digits from a trained VAE: z ~ N(0, I), x = sigmoid(decoder(z)) (the Bernoulli means).
+"""Draw digits from a trained VAE: z ~ N(0, I), x = the decoder's mean image of p_theta(x|z).
 
     uv run python -m vaegen.sample --run results/vae --n 100 --out results/vae/samples.npz
     uv run python -m vaegen.sample --run results/cvae --n 100 --digit 7 --out sevens.npz
@@ -96,7 +96,7 @@ def sample_labels(model: VAE, n: int, digit: int | None, labels: list[int] | Non
 def generate(
     model: VAE, n: int, y: torch.Tensor | None, generator: torch.Generator, batch_size: int = 10_000
 ) -> torch.Tensor:
-    """n decoder means sigmoid(decoder(z)), z ~ N(0, I) -> uint8 images [n, 28, 28]."""
+    """n decoder mean images (`VAE.mean_image`), z ~ N(0, I) -> uint8 images [n, 28, 28]."""
     device = next(model.parameters()).device
     side = model.config.image_size
     out = []
@@ -104,7 +104,7 @@ def generate(
         m = min(batch_size, n - start)
         z = torch.randn(m, model.config.latent_dim, generator=generator).to(device)
         yb = None if y is None else y[start : start + m].to(device)
-        out.append(unit_to_uint8(torch.sigmoid(model.decode(z, yb))).reshape(m, side, side).cpu())
+        out.append(unit_to_uint8(model.mean_image(model.decode(z, yb))).reshape(m, side, side).cpu())
     return torch.cat(out)
 
 
@@ -126,7 +126,7 @@ def interpolation_strip(
     if model.conditional:
         onehot = torch.nn.functional.one_hot(y, model.config.num_classes).float()
         y_t = (1 - t) * onehot[0] + t * onehot[1]
-    decoded = torch.sigmoid(model.decode(z, y_t)).cpu()
+    decoded = model.mean_image(model.decode(z, y_t)).cpu()
     side = model.config.image_size
     return torch.cat([x[:1].cpu(), decoded, x[1:].cpu()]).reshape(-1, side, side)
 
@@ -146,7 +146,7 @@ def latent_manifold(model: VAE, y: int | None, size: int = 20) -> torch.Tensor:
     z = z[:, [1, 0]].to(device)  # (z_1 along the row, z_2 down the column)
     yb = None if y is None else torch.full((z.shape[0],), y, dtype=torch.long, device=device)
     side = model.config.image_size
-    return torch.sigmoid(model.decode(z, yb)).reshape(-1, side, side).cpu()
+    return model.mean_image(model.decode(z, yb)).reshape(-1, side, side).cpu()
 
 
 @user_errors

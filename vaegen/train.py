@@ -38,9 +38,9 @@ from common.checkpoint import (
     truncate_csv,
     write_json,
 )
-from common.cli import ArgumentParser, positive_float, positive_int, unit_float, user_errors
+from common.cli import ArgumentParser, UserError, positive_float, positive_int, unit_float, user_errors
 from common.config import from_args, from_dict, given_fields, nested, option, resume_config
-from common.data import DATA_DIR_HELP, load_mnist, to_unit
+from common.data import DATA_DIR_HELP, binarize, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.runtime import count_params, seed_everything, versions
 from common.training import Loop, lr_factor, open_run_dir, set_lr, trainer_parser
@@ -49,6 +49,7 @@ from vaegen.elbo import elbo_terms, evaluate_bounds
 from vaegen.model import VAE, VAEConfig
 
 SAMPLE_SEED = 1234  # fixed latents for the per-epoch sample grids (watch one set of z evolve)
+TEST_BINARIZATION_SEED = 0  # --binarize: the test set is drawn once, the same for every run
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class TrainConfig:
         "data-bias", "data-bias: decoder output bias = logit(mean training pixel); torch: PyTorch's "
         "default only", choices=("data-bias", "torch"),
     )  # fmt: skip
+    binarize: bool = option(
+        False, "dynamically binarized MNIST, the VAE papers' benchmark: a fresh Bernoulli draw of each "
+        "training image per batch, the test set drawn once (fixed seed); Bernoulli decoder only",
+    )
     seed: int = option(0, "seeds init, data order and noise")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", resume="flag")
     data_dir: str | None = option(None, DATA_DIR_HELP, str, resume="flag")
@@ -125,6 +130,8 @@ def train(
 ) -> dict[str, Any]:
     """The training loop; `d` says which rank of how many this process is (1 without torchrun).
     `flags`: the fields the command line set, which a resumed run takes or refuses (`resume_config`)."""
+    if cfg.binarize and cfg.model.decoder != "bernoulli":
+        raise UserError("--binarize needs --decoder bernoulli: binary pixels have no 256 levels to model")
     out = open_run_dir(cfg.out, d, resume, overwrite)
     ckpt = load_checkpoint(out, "vae", map_location=d.device) if resume else None
     cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg, flags) if ckpt else cfg
@@ -132,12 +139,13 @@ def train(
     x_train, y_train = load_mnist(train=True, data_dir=cfg.data_dir, image_size=cfg.model.image_size)
     x_test, y_test = load_mnist(train=False, data_dir=cfg.data_dir, image_size=cfg.model.image_size)
     x_train, x_test = (to_unit(x).reshape(len(x), -1).to(d.device) for x in (x_train, x_test))
+    x_test = test_images(x_test, cfg)
     y_train, y_test = (y.to(d.device) if cfg.model.conditional else None for y in (y_train, y_test))
     loop = Loop(len(x_train), cfg.batch_size, cfg.epochs, d, cfg.seed, max_steps=cfg.max_steps)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = VAE(cfg.model).to(d.device)
     if cfg.init == "data-bias":
-        model.init_output_bias(x_train.mean(0))
+        model.init_output_bias(x_train.mean(0), x_train.std(0))
     # fused: one kernel for the whole update, not one per tensor (docs/experiments.md, "The VAE")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=d.device.type in ("cpu", "cuda"))
     if ckpt:
@@ -164,7 +172,8 @@ def train(
             for idx in loop.batches():
                 lr = cfg.lr * lr_factor(loop.step, warmup_steps, loop.total_steps) if cosine else cfg.lr
                 y = None if y_train is None else y_train[idx]
-                loss_sum += train_step(net, optimizer, x_train[idx], y, lr)
+                x = binarize(x_train[idx]) if cfg.binarize else x_train[idx]
+                loss_sum += train_step(net, optimizer, x, y, lr)
                 n += 1
             train_loss = distributed.mean_across(d, loss_sum / max(n, 1)).item()
             if d.is_main:
@@ -214,6 +223,16 @@ def end_epoch(
     return row
 
 
+def test_images(x_test: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The test set as the run is scored on: x_test [N, 784] in [0, 1], drawn once into {0, 1}
+    with TEST_BINARIZATION_SEED for a --binarize run (so that every run and evaluation sees the
+    same binary images)."""
+    if not cfg.binarize:
+        return x_test
+    g = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
+    return binarize(x_test.cpu(), g).to(x_test.device)
+
+
 def run_info(model: VAE, loop: Loop, command: str) -> dict[str, Any]:
     """What config.json records beside the config: how and where the run trains."""
     return {
@@ -228,7 +247,7 @@ def run_info(model: VAE, loop: Loop, command: str) -> dict[str, Any]:
 
 
 def save_epoch_samples(model: VAE, path: Path) -> None:
-    """Decoder means sigmoid(logits) for 100 fixed z ~ N(0, I); one row per digit if conditional."""
+    """Decoder mean images (`VAE.mean_image`) for 100 fixed z ~ N(0, I); one row per digit if conditional."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(SAMPLE_SEED)
     z = torch.randn(100, model.config.latent_dim, generator=g).to(device)
@@ -236,7 +255,7 @@ def save_epoch_samples(model: VAE, path: Path) -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        images = torch.sigmoid(model.decode(z, y)).reshape(-1, 1, 28, 28).cpu()
+        images = model.mean_image(model.decode(z, y)).reshape(-1, 1, 28, 28).cpu()
     model.train(was_training)
     if y is not None:
         save_digit_grid(images, y.cpu(), path, per_digit=10)
