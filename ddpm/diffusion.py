@@ -100,6 +100,12 @@ class GaussianDiffusion:
         t = self._as_t(t, x0)
         return self._at("sqrt_alpha_bar", t, x0) * x0 + self._at("sqrt_one_minus_alpha_bar", t, x0) * eps
 
+    def q_step(self, x_prev: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+        """One forward step x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (Ho et al. 2020,
+        eq. 2): x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) noise (x_{t-1} is x0 at t = 0)."""
+        t = self._as_t(t, x_prev)
+        return self._at("alphas", t, x_prev).sqrt() * x_prev + self._at("betas", t, x_prev).sqrt() * noise
+
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4 for x0 (Ho et al. 2020, eq. 15):
 

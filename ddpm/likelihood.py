@@ -117,11 +117,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--run", default="results/ddpm", help="run directory of ddpm.train")
     p.add_argument("--n", type=positive_int, default=1000, help="test images (the first N)")
     p.add_argument(
-        "--strata", type=nonneg_int, default=50,
+        "--strata",
+        type=nonneg_int,
+        default=50,
         help="sampled steps per image for the sum over t (0: all T steps, T passes per image)",
     )
     p.add_argument(
-        "--condition", choices=CONDITIONS, default="none",
+        "--condition",
+        choices=CONDITIONS,
+        default="none",
         help="none: -log p(x0) through the null label; label: -log p(x0 | y) with the true digits",
     )
     p.add_argument("--out", default=None, help="where to write the JSON (default <run>/likelihood.json)")

@@ -10,19 +10,45 @@ import pytest
 import torch
 from fake_mnist import write_fake_mnist
 
+from common.completion import make_masks
 from common.data import binarize, load_mnist, to_unit
 from common.judge import JudgeConfig, train_classifier
+from common.samples import load_samples
+from ddpm import complete as ddpm_complete
+from ddpm import interpolate as ddpm_interpolate
 from ddpm import likelihood as ddpm_likelihood
 from ddpm import train as ddpm_train
+from vaegen import complete as vae_complete
 from vaegen import evaluate as vae_evaluate
 from vaegen import train as vae_train
 from vaegen.elbo import evaluate_bounds
 from vaegen.sample import load_vae
 from vaegen.train import TEST_BINARIZATION_SEED
 
-DDPM_TINY = ["--base-channels", "8", "--channel-mult", "1,2,2", "--blocks-per-level", "0,1,1",
-             "--mid-blocks", "1", "--dropout", "0", "--timesteps", "50", "--batch-size", "32",
-             "--log-every", "2", "--warmup-steps", "2", "--device", "cpu", "--epochs", "1"]  # fmt: skip
+DDPM_TINY = [
+    "--base-channels",
+    "8",
+    "--channel-mult",
+    "1,2,2",
+    "--blocks-per-level",
+    "0,1,1",
+    "--mid-blocks",
+    "1",
+    "--dropout",
+    "0",
+    "--timesteps",
+    "50",
+    "--batch-size",
+    "32",
+    "--log-every",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--device",
+    "cpu",
+    "--epochs",
+    "1",
+]
 TINY_JUDGE = JudgeConfig(channels=(4, 8), features=16, epochs=3, batch_size=32, augment=False)
 VAE_TINY = ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--hidden", "32", "--latent-dim", "4"]
 
@@ -79,8 +105,22 @@ def test_ddpm_likelihood_writes_the_bound_with_its_standard_error(ddpm_run, data
     assert 0 < saved["bits_per_dim_stderr"] < saved["bits_per_dim"]
     assert "null label" in saved["of"]
     # every step (strata >= T - 1 is the full sum) and the conditional bound, written elsewhere
-    full = ddpm_likelihood.main(["--run", str(ddpm_run), "--n", "4", "--strata", "49", "--condition", "label",
-                                 "--out", str(tmp_path / "b.json"), "--data-dir", data_dir])  # fmt: skip
+    full = ddpm_likelihood.main(
+        [
+            "--run",
+            str(ddpm_run),
+            "--n",
+            "4",
+            "--strata",
+            "49",
+            "--condition",
+            "label",
+            "--out",
+            str(tmp_path / "b.json"),
+            "--data-dir",
+            data_dir,
+        ]
+    )
     assert full["strata"] is None and full["passes_per_image"] == 50 and "true labels" in full["of"]
 
 
@@ -128,3 +168,122 @@ def test_vae_train_refuses_binarize_with_a_logistic_decoder(capsys, tmp_path, da
     err = one_line_error(capsys, argv, vae_train.main)
     assert "--binarize" in err
     assert not (tmp_path / "x").exists()
+
+
+# ---- completion and interpolation -----------------------------------------------------------
+
+
+def completion_files_keep_the_observed_pixels(report: dict, npz, data_dir, mask: str, draws: int) -> None:
+    images, labels = load_samples(npz)
+    n = report["n"]
+    truth, y = (v[:n] for v in load_mnist(False, data_dir))
+    observed = make_masks(mask, n)
+    images = images.view(n, draws, 28, 28)
+    assert torch.equal(labels, y.repeat_interleave(draws))
+    assert torch.equal(
+        images[observed[:, None].expand_as(images)],
+        truth[:, 0, None].expand_as(images)[observed[:, None].expand_as(images)],
+    )
+    assert report["observed_kept"] and 0 <= report["accuracy"] <= 1 and report["masked_mse"] >= 0
+    assert npz.with_suffix(".png").is_file() and npz.with_name(npz.stem + "_figure.png").is_file()
+
+
+@pytest.mark.parametrize("mask", ["top", "random"])
+def test_ddpm_completion_keeps_the_observed_pixels_bit_for_bit(ddpm_run, data_dir, judge_dir, mask):
+    argv = [
+        "--run",
+        str(ddpm_run),
+        "--mask",
+        mask,
+        "--n",
+        "6",
+        "--draws",
+        "2",
+        "--steps",
+        "5",
+        "--resample",
+        "2",
+        "--batch-size",
+        "4",
+        "--classifier",
+        judge_dir,
+        "--data-dir",
+        data_dir,
+    ]
+    report = ddpm_complete.main([*argv, "--device", "cpu"])
+    npz = ddpm_run / f"completion_{mask}.npz"
+    assert json.loads(npz.with_suffix(".json").read_text())["method"]["passes_per_digit"] == 10
+    completion_files_keep_the_observed_pixels(report, npz, data_dir, mask, 2)
+    assert report["diversity"] > 0  # two draws of a random completion differ
+
+
+def test_vae_completion_keeps_the_observed_pixels_bit_for_bit(vae_runs, data_dir, judge_dir, tmp_path):
+    out = tmp_path / "left.npz"
+    argv = [
+        "--run",
+        str(vae_runs["logistic"]),
+        "--mask",
+        "left",
+        "--n",
+        "6",
+        "--draws",
+        "3",
+        "--proposals",
+        "50",
+        "--out",
+        str(out),
+        "--classifier",
+        judge_dir,
+        "--data-dir",
+        data_dir,
+        "--device",
+        "cpu",
+    ]
+    report = vae_complete.main(argv)
+    completion_files_keep_the_observed_pixels(report, out, data_dir, "left", 3)
+
+
+def test_completion_refuses_bad_input(ddpm_run, vae_runs, data_dir, capsys, tmp_path):
+    one_line_error(capsys, ["--run", str(ddpm_run), "--mask", "bottom"], ddpm_complete.main)
+    one_line_error(
+        capsys, ["--run", str(ddpm_run), "--steps", "1", "--data-dir", data_dir], ddpm_complete.main
+    )
+    one_line_error(capsys, ["--run", str(ddpm_run), "--resample", "0"], ddpm_complete.main)
+    one_line_error(capsys, ["--run", str(ddpm_run), "--out", str(tmp_path / "x.png")], ddpm_complete.main)
+    err = one_line_error(capsys, ["--run", str(vae_runs["logistic"])], ddpm_complete.main)
+    assert "ddpm" in err.lower()
+    one_line_error(capsys, ["--run", str(ddpm_run), "--proposals", "0"], vae_complete.main)
+    one_line_error(capsys, ["--run", str(ddpm_run)], vae_complete.main)  # a DDPM run is not a VAE
+
+
+def test_ddpm_interpolation_writes_the_path_and_the_round_trip_error(ddpm_run, data_dir, tmp_path):
+    out = tmp_path / "interp.png"
+    argv = [
+        "--run",
+        str(ddpm_run),
+        "--pair",
+        "3,5",
+        "--steps",
+        "10",
+        "--points",
+        "4",
+        "--recon-n",
+        "8",
+        "--out",
+        str(out),
+        "--data-dir",
+        data_dir,
+        "--device",
+        "cpu",
+    ]
+    report = ddpm_interpolate.main(argv)
+    assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["recon_n"] == 8
+    assert report["pair"] == [3, 5] and report["recon_mse"] > 0
+
+
+def test_ddpm_interpolation_refuses_bad_input(ddpm_run, data_dir, capsys):
+    one_line_error(capsys, ["--run", str(ddpm_run), "--pair", "3"], ddpm_interpolate.main)
+    one_line_error(
+        capsys, ["--run", str(ddpm_run), "--pair", "0,99999", "--data-dir", data_dir], ddpm_interpolate.main
+    )
+    one_line_error(capsys, ["--run", str(ddpm_run), "--steps", "51"], ddpm_interpolate.main)

@@ -49,8 +49,9 @@ def test_discretized_logistic_sums_to_one_and_matches_the_logistic_cdf(mean, log
 
 def test_discretized_logistic_stays_finite_far_in_the_tails():
     # a level 0.9 away from a sharp mean has P ~ e^{-0.9 / s}: the exact log keeps it (no log 0)
-    log_p = discretized_logistic_log_prob(torch.tensor([0.9], dtype=F64), torch.zeros(1, dtype=F64),
-                                          torch.full((1,), -6.0, dtype=F64))  # fmt: skip
+    log_p = discretized_logistic_log_prob(
+        torch.tensor([0.9], dtype=F64), torch.zeros(1, dtype=F64), torch.full((1,), -6.0, dtype=F64)
+    )
     s = math.exp(-6.0)
     expected = -(0.9 - 0.5 / 255) / s + math.log(1 - math.exp(-1 / (255 * s)))  # sigmoid(-a) ~ e^{-a}
     assert abs(log_p.item() - expected) < 1e-6 * abs(expected)
@@ -138,7 +139,8 @@ def test_stratified_estimate_visits_every_step_once_with_t_minus_1_strata_and_is
 
 def test_each_kl_term_on_1d_gaussian_data_is_the_closed_form_of_the_optimal_denoiser():
     # Data x0 ~ N(m, s^2) in 1-D: E[x0 | xt] is linear and Var(x0 | xt) = s^2 (1 - a) / (a s^2 + 1 - a).
-    # The optimal eps model predicts x0_hat = E[x0 | xt], so E[L_{t-1}] = coef_x0^2 Var(x0 | xt) / (2 beta_tilde).
+    # The optimal eps model predicts x0_hat = E[x0 | xt], so
+    # E[L_{t-1}] = coef_x0^2 Var(x0 | xt) / (2 beta_tilde).
     diff = GaussianDiffusion(cosine_betas(1000))
     m, s, n = 0.2, 0.5, 20000
 
