@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from common.completion import make_masks
+from common.distributions import bernoulli_log_prob
 from ddpm.complete import repaint_loop
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.interpolate import ddim_inversion_loop, slerp
 from ddpm.samplers import Denoiser, ddim_loop, timesteps
 from ddpm.schedule import cosine_betas
+from vaegen.complete import posterior_draws
+from vaegen.model import VAE, VAEConfig
 
 F64 = torch.float64
 DIFF = GaussianDiffusion(cosine_betas(1000))
@@ -140,3 +143,38 @@ def test_slerp_keeps_the_norm_of_orthogonal_equal_norm_ends_and_hits_the_ends():
     torch.testing.assert_close(path.flatten(1).norm(dim=1), torch.full((5,), 3.0, dtype=F64))
     lerp_mid = ((a + b) / 2).norm()
     assert lerp_mid < 3.0 * 0.75  # the straight line cuts inside the sphere; slerp does not
+
+
+# ---- the VAE's posterior given the observed pixels --------------------------------------------
+
+
+def test_vae_completion_draws_z_from_the_exact_posterior_given_the_observed_pixels():
+    # A VAE of the project with J = 1 and 16 pixels, half of them observed: p(z | x_o) is
+    # proportional to N(z; 0, 1) prod_{j observed} p(x_j | z), a 1-D density computed here on a grid.
+    # Importance resampling must draw from it, whatever the encoder (which never saw half-images).
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(image_size=4, hidden=16, latent_dim=1)).double()
+    with torch.no_grad():
+        model.dec_hidden.weight.mul_(6)  # a decoder that depends strongly on z: an informative x_o
+    x = (torch.rand(1, 16, generator=gen(9)) < 0.4).double()
+    observed = (torch.arange(16) < 8).view(1, 16)
+    z = torch.linspace(-8, 8, 16_001, dtype=F64)
+    with torch.no_grad():
+        log_px = bernoulli_log_prob(x.expand(len(z), -1), model.decode(z[:, None]))  # [Z, 16]
+        log_post = (log_px * observed).sum(-1) - z**2 / 2
+        p = torch.softmax(log_post, 0)
+        n = 2000
+        draws = posterior_draws(model, x.expand(n, -1), observed.expand(n, -1), 500, gen(10))[:, 0]
+
+    def matches(p: torch.Tensor) -> bool:
+        """The draws have the mean and std of the grid density p, within their Monte Carlo error."""
+        mean, std = (p * z).sum(), (p * (z - (p * z).sum()) ** 2).sum().sqrt()
+        return bool(
+            abs(draws.mean() - mean) < 4 * std / math.sqrt(n) + 0.01
+            and abs(draws.std() - std) < 0.05 * std + 4 * std / math.sqrt(2 * n)
+        )
+
+    assert (p * (z - (p * z).sum()) ** 2).sum().sqrt() < 0.6  # x_o says something (the prior's std is 1)
+    assert matches(p)
+    # the missing pixels must not count: the posterior given all 16 pixels is another one
+    assert not matches(torch.softmax(log_px.sum(-1) - z**2 / 2, 0))

@@ -131,8 +131,12 @@ def test_stratified_estimate_visits_every_step_once_with_t_minus_1_strata_and_is
     se = est.std(0) / math.sqrt(400)
     assert bool((est.std(0) > 0).all())
     assert bool(((est.mean(0) - full["terms"][:, 1:].sum(1)).abs() < 4 * se).all())
+    for k in (1, 7, 30, T_SMALL - 1):
+        edges = DIFF.strata(k)
+        assert len(edges) == k + 1 and edges[0] == 1 and edges[-1] == T_SMALL
+        assert bool((edges.diff() >= 1).all())
     edges = DIFF.strata(7)
-    assert edges[0] == 1 and edges[-1] == T_SMALL and bool((edges.diff() >= 7).all())
+    assert edges[1] - edges[0] <= edges[-1] - edges[-2]  # narrow at low t, where the terms are large
     with pytest.raises(ValueError):
         DIFF.strata(T_SMALL)
 
