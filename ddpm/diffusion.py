@@ -1,4 +1,4 @@
-"""Gaussian diffusion, the process itself: forward process, posterior, reverse steps, loss, bound.
+"""Gaussian diffusion, the process itself: forward process, posterior, reverse steps, loss.
 
 Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models"): betas,
 alphas = 1 - betas, alpha_bar = prod alphas, x0 the data, xt the noised data at step t,
@@ -10,18 +10,17 @@ stands for "x0 itself" (alpha_bar = 1).
 
 Schedule arrays are float64, built once; every method casts what it needs to the input's
 dtype and device (cached), so the same object serves float32 training on a GPU and float64
-tests on the CPU. The loops that chain the reverse steps into samplers are in `ddpm.samplers`.
+tests on the CPU. The loops that chain the reverse steps into samplers are in `ddpm.samplers`,
+the variational bound built from these pieces in `ddpm.bound`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from common.distributions import discretized_gaussian_log_likelihood, nats_to_bits_per_dim, normal_kl
-from common.tensor import extract, mean_flat, randn, sum_flat
+from common.tensor import extract, mean_flat, randn
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -289,139 +288,3 @@ class GaussianDiffusion:
         """min(SNR_t, gamma) / SNR_t per example [B] (Hang et al. 2023); 1 where SNR_t <= gamma."""
         snr = self._coef("snr", torch.empty(0, device=t.device))[t]  # float32: MPS has no float64
         return snr.clamp(max=gamma) / snr
-
-    def vlb_term(
-        self,
-        eps_model: EpsModel,
-        x0: torch.Tensor,
-        y: torch.Tensor | None,
-        t: torch.Tensor,
-        eps: torch.Tensor,
-        clip: bool = True,
-    ) -> torch.Tensor:
-        """One term of the bound (Ho et al. 2020, eq. 5) per image at its own 0-based step t, nats [B]:
-
-            t >= 1:  L_{t-1} = KL(q(x_{t-1} | xt, x0) || p(x_{t-1} | xt)), with xt = q_sample(x0, t, eps)
-                     (a one-sample estimate over xt; both Gaussians share beta_tilde, so it is
-                     ||mu_tilde - mu_theta||^2 / (2 beta_tilde), summed over pixels)
-            t = 0:   L_0 = -log p(x0 | x1), the discretized Gaussian of Ho et al. 2020, section 3.3 /
-                     eq. 13, with mean mu_theta and the clipped log-variance of the first step.
-
-        x0 [B, C, H, W] in [-1, 1] (on the 256-level grid for L_0 to be a likelihood), t long [B].
-        """
-        xt = self.q_sample(x0, t, eps)
-        model_mean, _, model_log_var, _ = self.p_mean_variance(eps_model(xt, t, y), t, xt, clip)
-        true_mean, _, true_log_var = self.q_posterior(x0, xt, t)
-        kl = sum_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var))
-        decoder = -sum_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var))
-        return torch.where(t == 0, decoder, kl)
-
-    def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T | x0) || N(0, I)) per image, nats [B]: the bound's prior term, in closed form."""
-        t_last = torch.full((x0.shape[0],), self.T - 1, dtype=torch.long, device=x0.device)
-        mean = self._at("sqrt_alpha_bar", t_last, x0) * x0
-        log_var = torch.log1p(-self._at("alpha_bar", t_last, x0)).expand_as(x0)
-        return sum_flat(normal_kl(mean, log_var, 0.0, 0.0))
-
-    @torch.no_grad()
-    def vlb_bits_per_dim(
-        self,
-        eps_model: EpsModel,
-        x0: torch.Tensor,
-        y: torch.Tensor | None,
-        t_batch: int | None = None,
-        generator: torch.Generator | None = None,
-        clip: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """The variational bound on -log p(x0) (Ho et al. 2020, eq. 5), per image, in bits/dim,
-        with every one of its T + 1 terms (`vlb_term`, `prior_kl`):
-
-            L = L_T + sum_{t>=1} L_{t-1} + L_0                  (paper's 1-based steps)
-
-        Returns a dict of tensors in bits per dimension: 'prior' [B], 'decoder' [B],
-        'terms' [B, T] with terms[:, t] the contribution of 0-based step t, i.e. the KL term
-        for t >= 1 and the decoder at t = 0 (terms[:, 0] == decoder), and
-        'total' [B] = prior + terms.sum(1).
-
-        All T steps cost T model evaluations of batch B; they run in chunks of `t_batch` steps
-        per call (batch t_batch * B; default: as many as fit in a batch of about 512).
-        `vlb_estimate` samples the steps instead, for many images at a few passes each.
-        """
-        B = x0.shape[0]
-        dims = x0[0].numel()
-        if t_batch is None:
-            t_batch = max(1, 512 // B)
-        t_batch = max(1, min(int(t_batch), self.T))
-        terms = torch.empty(B, self.T, dtype=x0.dtype, device=x0.device)
-        for start in range(0, self.T, t_batch):
-            n = min(t_batch, self.T - start)
-            t = torch.arange(start, start + n, device=x0.device).repeat_interleave(B)  # t0 x B, t1 x B, ...
-            x0_rep = x0.repeat(n, *([1] * (x0.dim() - 1)))
-            y_rep = None if y is None else y.repeat(n)
-            eps = randn(x0_rep.shape, generator, x0.device, x0.dtype)
-            nats = self.vlb_term(eps_model, x0_rep, y_rep, t, eps, clip)
-            terms[:, start : start + n] = nats_to_bits_per_dim(nats, dims).view(n, B).T
-        prior = nats_to_bits_per_dim(self.prior_kl(x0), dims)
-        return {
-            "total": prior + terms.sum(dim=1),
-            "prior": prior,
-            "terms": terms,
-            "decoder": terms[:, 0].clone(),
-        }
-
-    def strata(self, k: int) -> torch.Tensor:
-        """The edges of k strata over the KL steps 1..T-1, spaced geometrically: long [k + 1], from 1
-        to T, strictly increasing; stratum j holds the steps edges[j] <= t < edges[j + 1].
-
-        The KL terms fall steeply with t (most of the bound sits in the first few steps), so the
-        strata are single steps at low t and widen towards T: each then holds terms of similar
-        size, and sampling one t per stratum adds little variance (docs/experiments.md).
-        """
-        if not 1 <= k <= self.T - 1:
-            raise ValueError(f"the number of t-strata must be in 1..{self.T - 1}, got {k}")
-        edges = torch.logspace(0, math.log10(self.T), k + 1, dtype=torch.float64).round().long().tolist()
-        edges[0], edges[-1] = 1, self.T
-        for j in range(1, k + 1):  # strictly increasing from the bottom ...
-            edges[j] = max(edges[j], edges[j - 1] + 1)
-        edges[-1] = self.T
-        for j in range(k - 1, 0, -1):  # ... and ending at T
-            edges[j] = min(edges[j], edges[j + 1] - 1)
-        return torch.tensor(edges, dtype=torch.long)
-
-    @torch.no_grad()
-    def vlb_estimate(
-        self,
-        eps_model: EpsModel,
-        x0: torch.Tensor,
-        y: torch.Tensor | None,
-        k: int,
-        generator: torch.Generator | None = None,
-        clip: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """An unbiased estimate of the bound of `vlb_bits_per_dim` per image from k + 1 model passes,
-        in bits/dim: the sum over t sampled as Nichol & Dhariwal 2021 (section 3.3) do, stratified.
-
-            L = L_T + L_0 + sum_{j=1..k} n_j L_{t_j - 1},   t_j ~ Uniform(stratum j),
-
-        over k strata of the steps 1..T-1 (`strata`; n_j steps in stratum j), one t and one xt per
-        stratum and image: E[n_j L_{t_j - 1}] is the stratum's sum, so the estimate is unbiased
-        for any strata. k = T - 1 visits every step.
-        The decoder L_0 and the prior L_T are computed exactly. Returns 'total', 'prior',
-        'decoder' and 'terms' (the estimated sum of the KL terms), each [B] in bits/dim.
-        All k + 1 steps of all B images go through the model in one call of batch (k + 1) B.
-        """
-        B, dims = x0.shape[0], x0[0].numel()
-        edges = self.strata(k).to(x0.device)
-        sizes = (edges[1:] - edges[:-1]).to(x0.dtype)  # n_j [k]
-        g_device = generator.device if generator is not None else x0.device
-        u = torch.rand((k, B), generator=generator, device=g_device, dtype=torch.float64).to(x0.device)
-        t_kl = edges[:-1, None] + (u * sizes[:, None].double()).long()  # [k, B], in each stratum
-        t = torch.cat([torch.zeros(1, B, dtype=torch.long, device=x0.device), t_kl]).reshape(-1)
-        x0_rep = x0.repeat(k + 1, *([1] * (x0.dim() - 1)))
-        y_rep = None if y is None else y.repeat(k + 1)
-        eps = randn(x0_rep.shape, generator, x0.device, x0.dtype)
-        nats = self.vlb_term(eps_model, x0_rep, y_rep, t, eps, clip).view(k + 1, B)
-        decoder = nats_to_bits_per_dim(nats[0], dims)
-        terms = nats_to_bits_per_dim((sizes[:, None] * nats[1:]).sum(0), dims)
-        prior = nats_to_bits_per_dim(self.prior_kl(x0), dims)
-        return {"total": prior + decoder + terms, "prior": prior, "decoder": decoder, "terms": terms}

@@ -6,7 +6,7 @@ in bits per dimension on the 8-bit test images (the integers 0..255 the model wa
 scaled to [-1, 1]; the decoder L_0 is a discretized Gaussian over the 256 levels), so the number
 stands beside a VAE's -ELBO with a discretized decoder (`vaegen.train --decoder logistic`).
 The sum over the T steps is estimated from --strata sampled steps per image
-(`GaussianDiffusion.vlb_estimate`; 0: all T steps, `vlb_bits_per_dim`), and the standard error
+(`ddpm.bound.vlb_estimate`; 0: all T steps, `vlb_bits_per_dim`), and the standard error
 over the images says how well the mean is known (it includes the spread between digits).
 
 By default the model is asked without a label (its null label, the unconditional model that
@@ -29,6 +29,7 @@ from common.checkpoint import existing_run_dir, write_json
 from common.cli import ArgumentParser, nonneg_int, positive_int, user_errors
 from common.data import DATA_DIR_HELP, load_mnist, to_signed
 from common.runtime import pick_device
+from ddpm.bound import vlb_bits_per_dim, vlb_estimate
 from ddpm.config import load_model
 from ddpm.diffusion import GaussianDiffusion
 
@@ -64,9 +65,9 @@ def variational_bound(
         yb = torch.full((len(xb),), model.null_label) if y is None else y[start : start + batch_size]
         yb = yb.to(device)
         if strata:
-            out = diffusion.vlb_estimate(model, xb, yb, strata, generator=g)
+            out = vlb_estimate(diffusion, model, xb, yb, strata, generator=g)
         else:
-            out = diffusion.vlb_bits_per_dim(model, xb, yb, generator=g)
+            out = vlb_bits_per_dim(diffusion, model, xb, yb, generator=g)
             out = {**out, "terms": out["terms"][:, 1:].sum(1)}
         for name in parts:
             parts[name].append(out[name].double().cpu())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.tensor import extract
+from ddpm.bound import vlb_bits_per_dim
 from ddpm.config import VPrediction
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import Denoiser, SamplerSpec, sample, timesteps
@@ -550,8 +551,8 @@ def grid_point():
 
 def test_vlb_oracle_vs_zero_predictor(diff, grid_point):
     c, x0 = grid_point
-    opt = diff.vlb_bits_per_dim(point_oracle(diff, c), x0, None, generator=gen(30))
-    zero = diff.vlb_bits_per_dim(lambda xt, t, y: torch.zeros_like(xt), x0, None, generator=gen(30))
+    opt = vlb_bits_per_dim(diff, point_oracle(diff, c), x0, None, generator=gen(30))
+    zero = vlb_bits_per_dim(diff, lambda xt, t, y: torch.zeros_like(xt), x0, None, generator=gen(30))
     for r in (opt, zero):
         assert r["terms"].shape == (4, T)
         assert r["total"].shape == r["prior"].shape == r["decoder"].shape == (4,)
@@ -565,14 +566,14 @@ def test_vlb_oracle_vs_zero_predictor(diff, grid_point):
 def test_vlb_decoder_and_chunking(diff, grid_point):
     c, x0 = grid_point
     oracle = point_oracle(diff, c)
-    r = diff.vlb_bits_per_dim(oracle, x0, None, t_batch=7, generator=gen(31))
+    r = vlb_bits_per_dim(diff, oracle, x0, None, t_batch=7, generator=gen(31))
     # with x0_hat = c the decoder is the discretized N(c, beta_tilde_1) mass of c's own bin
     normal = torch.distributions.Normal(c, diff.posterior_variance[1].sqrt())
     upper = torch.where(c > 0.999, torch.ones_like(c), normal.cdf(c + 1 / 255))
     lower = torch.where(c < -0.999, torch.zeros_like(c), normal.cdf(c - 1 / 255))
     bits = -(upper - lower).log2().mean()
     assert torch.allclose(r["decoder"], bits.expand(4), rtol=1e-6)
-    r_all = diff.vlb_bits_per_dim(oracle, x0, None, t_batch=T, generator=gen(31))
+    r_all = vlb_bits_per_dim(diff, oracle, x0, None, t_batch=T, generator=gen(31))
     assert torch.allclose(r["total"], r_all["total"], rtol=1e-9)
     # labels are repeated alongside the chunked batch
     seen = []
@@ -581,7 +582,7 @@ def test_vlb_decoder_and_chunking(diff, grid_point):
         seen.append((t, y))
         return oracle(xt, t, y)
 
-    diff.vlb_bits_per_dim(labelled, x0, torch.tensor([1, 2, 3, 4]), t_batch=300)
+    vlb_bits_per_dim(diff, labelled, x0, torch.tensor([1, 2, 3, 4]), t_batch=300)
     assert len(seen) == 4  # ceil(1000 / 300) model calls
     t0, y0 = seen[0]
     assert torch.equal(y0, torch.tensor([1, 2, 3, 4]).repeat(300))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
 
+from ddpm.bound import prior_kl, strata, vlb_bits_per_dim, vlb_estimate, vlb_term
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedule import cosine_betas
 from vaegen.elbo import decoder_log_prob, discretized_logistic_log_prob, elbo_terms, iwae_bound
@@ -111,7 +112,7 @@ def test_kl_terms_match_the_closed_form_when_the_prediction_is_a_fixed_point():
     # With x0_hat = c whatever xt, mu_tilde - mu_theta = coef_x0 (x0 - c): each KL term is
     # coef_x0^2 ||x0 - c||^2 / (2 beta_tilde), the same for every draw of xt.
     x0, c = grid_images(3, 0), grid_images(1, 1)
-    r = DIFF.vlb_bits_per_dim(fixed_point_model(DIFF, c), x0, None, generator=gen(2), clip=False)
+    r = vlb_bits_per_dim(DIFF, fixed_point_model(DIFF, c), x0, None, generator=gen(2), clip=False)
     sq = ((x0 - c) ** 2).sum(dim=(1, 2, 3))  # [3]
     coef, var = DIFF.posterior_mean_coef_x0[1:], DIFF.posterior_variance[1:]
     nats = coef[None] ** 2 * sq[:, None] / (2 * var[None])  # [3, T - 1]
@@ -121,24 +122,24 @@ def test_kl_terms_match_the_closed_form_when_the_prediction_is_a_fixed_point():
 def test_stratified_estimate_visits_every_step_once_with_t_minus_1_strata_and_is_unbiased():
     x0, c = grid_images(4, 3), grid_images(1, 4)
     model = fixed_point_model(DIFF, c)  # KL terms independent of xt: the only noise is the choice of t
-    full = DIFF.vlb_bits_per_dim(model, x0, None, generator=gen(5), clip=False)
-    every = DIFF.vlb_estimate(model, x0, None, T_SMALL - 1, generator=gen(6), clip=False)
+    full = vlb_bits_per_dim(DIFF, model, x0, None, generator=gen(5), clip=False)
+    every = vlb_estimate(DIFF, model, x0, None, T_SMALL - 1, generator=gen(6), clip=False)
     torch.testing.assert_close(every["terms"], full["terms"][:, 1:].sum(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(every["prior"], full["prior"], rtol=1e-12, atol=0)
     # 7 strata: each draw is noisy, the mean over 400 draws is the full sum within its error
     x_rep = x0.repeat(400, 1, 1, 1)
-    est = DIFF.vlb_estimate(model, x_rep, None, 7, generator=gen(7), clip=False)["terms"].view(400, 4)
+    est = vlb_estimate(DIFF, model, x_rep, None, 7, generator=gen(7), clip=False)["terms"].view(400, 4)
     se = est.std(0) / math.sqrt(400)
     assert bool((est.std(0) > 0).all())
     assert bool(((est.mean(0) - full["terms"][:, 1:].sum(1)).abs() < 4 * se).all())
     for k in (1, 7, 30, T_SMALL - 1):
-        edges = DIFF.strata(k)
+        edges = strata(T_SMALL, k)
         assert len(edges) == k + 1 and edges[0] == 1 and edges[-1] == T_SMALL
         assert bool((edges.diff() >= 1).all())
-    edges = DIFF.strata(7)
+    edges = strata(T_SMALL, 7)
     assert edges[1] - edges[0] <= edges[-1] - edges[-2]  # narrow at low t, where the terms are large
     with pytest.raises(ValueError):
-        DIFF.strata(T_SMALL)
+        strata(T_SMALL, T_SMALL)
 
 
 def test_each_kl_term_on_1d_gaussian_data_is_the_closed_form_of_the_optimal_denoiser():
@@ -156,7 +157,7 @@ def test_each_kl_term_on_1d_gaussian_data_is_the_closed_form_of_the_optimal_deno
     for step in (1, 10, 200, 700, 999):
         t = torch.full((n,), step)
         eps = torch.randn(n, 1, 1, 1, generator=gen(step), dtype=F64)
-        kl = diff.vlb_term(oracle, x0, None, t, eps, clip=False)
+        kl = vlb_term(diff, oracle, x0, None, t, eps, clip=False)
         a = diff.alpha_bar[step]
         expected = diff.posterior_mean_coef_x0[step] ** 2 * s**2 * (1 - a) / (a * s**2 + 1 - a)
         expected = expected / (2 * diff.posterior_variance[step])
@@ -164,4 +165,4 @@ def test_each_kl_term_on_1d_gaussian_data_is_the_closed_form_of_the_optimal_deno
     # the prior term: KL(N(sqrt(a_T) x0, 1 - a_T) || N(0, 1)) from the Gaussian KL's closed form
     a_T = diff.alpha_bar[-1]
     prior = 0.5 * (a_T * x0.view(-1) ** 2 - a_T - torch.log1p(-a_T))
-    torch.testing.assert_close(diff.prior_kl(x0), prior, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(prior_kl(diff, x0), prior, rtol=1e-9, atol=1e-15)

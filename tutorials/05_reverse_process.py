@@ -24,6 +24,7 @@ from _common import check, claim, setup, step
 
 from common.data import signed_to_uint8, to_signed
 from common.distributions import normal_log_prob
+from ddpm.bound import vlb_bits_per_dim
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SamplerSpec, sample
 from ddpm.schedule import cosine_betas
@@ -418,7 +419,7 @@ tut.save(fig, "few_steps.png")
 #
 # Both Gaussians in L_{t-1} have variance beta_tilde, so each term is a squared error between
 # the true and the predicted posterior mean; L_0 scores x_0 on the 256-level pixel grid with a
-# discretised Gaussian. `GaussianDiffusion.vlb_bits_per_dim` returns all of it in bits per
+# discretised Gaussian. `ddpm.bound.vlb_bits_per_dim` returns all of it in bits per
 # dimension. The toy points are rounded to the same grid (via uint8) so that the bound is a
 # bound on a probability. Since the bound is an upper bound on -log p_model, and any model's
 # cross-entropy is at least the data's entropy, the oracle's average bound must lie above the
@@ -435,7 +436,7 @@ n6 = tut.size(512, 64)
 x6 = to_signed(signed_to_uint8(sample_data(n6, g))).double()  # on the 256-level grid
 gauss = make_oracle(torch.ones(1, dtype=F64), data.mean(0, keepdim=True), torch.cov(data.T)[None])
 bounds = {
-    name: diff.vlb_bits_per_dim(m, x6, None, generator=torch.Generator().manual_seed(31), clip=False)
+    name: vlb_bits_per_dim(diff, m, x6, None, generator=torch.Generator().manual_seed(31), clip=False)
     for name, m in (("mixture oracle", oracle), ("best single Gaussian", gauss))
 }
 vlb = bounds["mixture oracle"]
