@@ -19,6 +19,7 @@ from ddpm import interpolate as ddpm_interpolate
 from ddpm import likelihood as ddpm_likelihood
 from ddpm import train as ddpm_train
 from vaegen import complete as vae_complete
+from vaegen import curve as vae_curve
 from vaegen import evaluate as vae_evaluate
 from vaegen import train as vae_train
 from vaegen.elbo import evaluate_bounds
@@ -287,3 +288,18 @@ def test_ddpm_interpolation_refuses_bad_input(ddpm_run, data_dir, capsys):
         capsys, ["--run", str(ddpm_run), "--pair", "0,99999", "--data-dir", data_dir], ddpm_interpolate.main
     )
     one_line_error(capsys, ["--run", str(ddpm_run), "--steps", "51"], ddpm_interpolate.main)
+
+
+def test_vae_curve_plots_evaluated_runs_and_refuses_unevaluated_ones(
+    vae_runs, data_dir, judge_dir, tmp_path, capsys
+):
+    evaluate(vae_runs["binarized"], data_dir, judge_dir, "--iwae-k", "5")
+    out = tmp_path / "curve.png"
+    curves = vae_curve.main(["--runs", str(vae_runs["binarized"]), "--reference", "86.76", "--out", str(out)])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    (c,) = curves
+    assert len(c["minutes"]) == 2 and c["minutes"][0] < c["minutes"][1] and c["iwae_k"] == 5
+    fresh = tmp_path / "fresh"
+    vae_train.main(["--out", str(fresh), "--data-dir", data_dir, *VAE_TINY])
+    err = one_line_error(capsys, ["--runs", str(fresh)], vae_curve.main)
+    assert "vaegen.evaluate" in err
