@@ -9,11 +9,12 @@ ancestral step, so the model only ever denoises whole images:
     x_unknown ~ p_theta(x_{t-1} | x_t)                                 (Ho et al. 2020, Algorithm 2)
     x_{t-1}   = m * x_known + (1 - m) * x_unknown                      (Lugmayr et al. 2022, eq. 8)
 
-with m the mask of observed pixels: the "replacement" method (Song et al. 2021, score-based SDEs,
-app. I.2). Pasting the two together each step leaves the model's half unaware of what the
-other half will be, so RePaint resamples (--resample U): each step is taken U times, going back
-up by one forward step x_t ~ q(x_t | x_{t-1}) in between (Lugmayr et al. 2022, Algorithm 1, with
-jumps of one step), which gives the model's part U chances to agree with the observed part.
+with m the mask of observed pixels: the "replacement" method (Song et al. 2021, "Score-Based
+Generative Modeling through SDEs", their imputation). Pasting the two together each step leaves
+the model's half unaware of what the other half will be, so RePaint resamples (--resample U):
+each step is taken U times, going back up by one forward step x_t ~ q(x_t | x_{t-1}) in between
+(Lugmayr et al. 2022, Algorithm 1, with jumps of one step), which gives the model's part U
+chances to agree with the observed part.
 The model is asked without a label (its null label): it has to infer the digit from the pixels.
 Steps are those of the ancestral sampler respaced to --steps (`GaussianDiffusion.respace`).
 Shared with `vaegen.complete`: the digits, masks, scores and files (`common.completion`).
