@@ -76,6 +76,7 @@ def completer(model: torch.nn.Module, diffusion: GaussianDiffusion, steps: int, 
     device = next(model.parameters()).device
     ts = timesteps(diffusion, steps)
 
+    @torch.no_grad()
     def complete(digits: torch.Tensor, observed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x0 = to_signed(digits[:, None]).to(device)
         m = observed[:, None].to(device)

@@ -74,6 +74,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - lam) * theta) * a + torch.sin(lam * theta) * b) / torch.sin(theta)
 
 
+@torch.no_grad()
 def round_trip(
     model: torch.nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +83,21 @@ def round_trip(
     denoiser = Denoiser(model, null, diffusion.sigma)
     xT = ddim_inversion_loop(diffusion, denoiser, x0, ts)
     return xT, ddim_loop(diffusion, denoiser, xT, ts, clip=False)
+
+
+@torch.no_grad()
+def noise_path(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    xT: torch.Tensor,
+    lam: torch.Tensor,
+    ts: torch.Tensor,
+) -> torch.Tensor:
+    """The digits [K, C, H, W] at lam [K] along slerp(xT[0], xT[1]), by deterministic DDIM (unclipped)."""
+    null = torch.full((len(lam),), model.null_label, device=xT.device)
+    return ddim_loop(
+        diffusion, Denoiser(model, null, diffusion.sigma), slerp(xT[0], xT[1], lam), ts, clip=False
+    )
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -131,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     ends = to_signed(x_test[[i, j]]).to(device)
     xT, back = round_trip(model, diffusion, ends, ts)
     lam = torch.linspace(0, 1, a.points + 2, device=device)[1:-1]
-    null = torch.full((a.points,), model.null_label, device=device)
-    denoiser = Denoiser(model, null, diffusion.sigma)
-    path = ddim_loop(diffusion, denoiser, slerp(xT[0], xT[1], lam), ts, clip=False)
+    path = noise_path(model, diffusion, xT, lam, ts)
     strip = torch.cat([ends[:1], path, ends[1:], back])  # x_a, path, x_b, round trips
     save_grid(signed_to_uint8(strip[:, 0]).cpu(), out, nrow=len(strip), scale=2)
 

@@ -37,10 +37,10 @@ from common.distributions import nats_to_bits_per_dim
 from common.judge import JudgeConfig, load_judge, train_classifier
 from ddpm import complete as ddpm_complete
 from ddpm.config import load_model
-from ddpm.interpolate import round_trip, slerp
+from ddpm.interpolate import noise_path, round_trip
 from ddpm.likelihood import variational_bound
 from ddpm.sample import generate as ddpm_generate
-from ddpm.samplers import Denoiser, SamplerSpec, ddim_loop, timesteps
+from ddpm.samplers import SamplerSpec, timesteps
 from ddpm.train import main as ddpm_train
 from vaegen import complete as vae_complete
 from vaegen.elbo import evaluate_bounds
@@ -290,10 +290,7 @@ with torch.no_grad():
     vae_path = vae.mean_image(vae.decode((1 - lam) * mu[0] + lam * mu[1])).reshape(points, 28, 28)
 ts = timesteps(diffusion, min(50, diffusion.T))
 xT, _ = round_trip(ddpm, diffusion, to_signed(pair), ts)
-null = torch.full((points,), ddpm.null_label)
-ddpm_path = ddim_loop(
-    diffusion, Denoiser(ddpm, null, diffusion.sigma), slerp(xT[0], xT[1], lam.view(-1)), ts, clip=False
-)
+ddpm_path = noise_path(ddpm, diffusion, xT, lam.view(-1), ts)
 ddpm_path = (ddpm_path.clamp(-1, 1)[:, 0] + 1) / 2
 norms = xT.flatten(1).norm(dim=1) / math.sqrt(784)
 print(f"    |x_T| / sqrt(784) of the two inverted digits: {norms[0]:.3f}, {norms[1]:.3f} (noise: about 1)")

@@ -80,6 +80,7 @@ def completer(model: VAE, k: int):
     """`common.completion`'s complete(): uint8 digits and masks [B, 28, 28] -> uint8 completions."""
     device = next(model.parameters()).device
 
+    @torch.no_grad()
     def complete(digits: torch.Tensor, observed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = to_unit(digits).reshape(len(digits), -1).to(device)
         m = observed.reshape(len(digits), -1).to(device)
