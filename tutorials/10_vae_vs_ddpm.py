@@ -17,9 +17,10 @@
 # 5. **sampling cost**: seconds per 100 digits.
 #
 # Run: `uv run python tutorials/10_vae_vs_ddpm.py [--out DIR] [--quick] [--data-dir DIR] [--vae RUN]
-# [--ddpm RUN]`. It reads `results/vae_logistic` (`python -m vaegen.train --decoder logistic
-# --out results/vae_logistic`) and `results/ddpm` (`python -m ddpm.train`); a run that is missing
-# is replaced by a small one trained here (minutes), and `--quick` always trains tiny ones.
+# [--vae-logistic RUN] [--ddpm RUN]`. It reads `results/vae` (`python -m vaegen.train`),
+# `results/vae_logistic` (`python -m vaegen.train --decoder logistic --out results/vae_logistic`)
+# and `results/ddpm` (`python -m ddpm.train`); a run that is missing is replaced by a small one
+# trained here (minutes), and `--quick` always trains tiny ones.
 
 # %%
 import argparse
@@ -31,7 +32,7 @@ import matplotlib.pyplot as plt
 import torch
 from _common import REPO, claim, setup, step
 
-from common.completion import completion_figure, completion_metrics, make_masks
+from common.completion import completion_metrics, make_masks
 from common.data import to_signed, to_unit
 from common.distributions import nats_to_bits_per_dim
 from common.judge import JudgeConfig, load_judge, train_classifier
@@ -52,39 +53,50 @@ tut = setup(
     "10_vae_vs_ddpm", "the VAE against the DDPM: likelihood, reconstruction, completion, interpolation"
 )
 extra = argparse.ArgumentParser()
-extra.add_argument("--vae", type=Path, default=REPO / "results" / "vae_logistic", help="a vaegen.train run")
+extra.add_argument(
+    "--vae", type=Path, default=REPO / "results" / "vae", help="a vaegen.train run (Bernoulli)"
+)
+extra.add_argument(
+    "--vae-logistic",
+    type=Path,
+    default=REPO / "results" / "vae_logistic",
+    help="a vaegen.train --decoder logistic run",
+)
 extra.add_argument("--ddpm", type=Path, default=REPO / "results" / "ddpm", help="a ddpm.train run")
 runs = extra.parse_known_args()[0]
 device = torch.device("cpu")
 
 # %% [markdown]
-# ## 1. The two runs
-# The VAE here is the project's MLP (784-400-20) with the discretized logistic decoder, so that
-# its ELBO is a bound on the probability of the 8-bit image, as the DDPM's bound is; the DDPM is
-# the default conditional UNet, asked without a label (its null label) wherever the VAE has
-# none, so neither model is told the digit.
+# ## 1. The runs
+# Two VAEs with the project's MLP body (784-400-20): for likelihood, the one with the
+# discretized logistic decoder, whose ELBO bounds the probability of the 8-bit image as the
+# DDPM's bound does; for everything else, the default Bernoulli VAE, whose decoder's mean image
+# is a smooth digit (the logistic decoder's per-pixel location is not). The DDPM is the default
+# conditional UNet, asked without a label (its null label) wherever the VAE has none, so
+# neither model is told the digit.
 
 # %%
 step(1, "find the runs, or train small ones")
 data_root = str(tut.data_root())
-vae_run, ddpm_run = runs.vae, runs.ddpm
-if tut.quick or not (vae_run / "checkpoint.pt").is_file():
-    vae_run = tut.out / "vae_logistic"
+
+
+def vae_run_or_train(run: Path, name: str, flags: list[str]) -> Path:
+    """`run` if it holds a trained VAE (and not --quick), else a small one trained here."""
+    if not tut.quick and (run / "checkpoint.pt").is_file():
+        return run
+    out = tut.out / name
     epochs = tut.size(10, 2)
-    print(f"    training a VAE with the logistic decoder for {epochs} epochs into {vae_run}")
+    print(f"    training a VAE ({' '.join(flags) or 'Bernoulli decoder'}) for {epochs} epochs into {out}")
+    small = ["--batch-size", "64"] if tut.quick else []
     vae_train(
-        [
-            "--decoder",
-            "logistic",
-            "--out",
-            str(vae_run),
-            "--epochs",
-            str(epochs),
-            "--overwrite",
-            "--data-dir",
-            data_root,
-        ]
+        [*flags, "--out", str(out), "--epochs", str(epochs), "--overwrite", "--data-dir", data_root, *small]
     )
+    return out
+
+
+vae_lik_run = vae_run_or_train(runs.vae_logistic, "vae_logistic", ["--decoder", "logistic"])
+vae_run = vae_run_or_train(runs.vae, "vae", [])
+ddpm_run = runs.ddpm
 if tut.quick or not (ddpm_run / "checkpoint.pt").is_file():
     ddpm_run = tut.out / "ddpm"
     tiny = [
@@ -96,17 +108,16 @@ if tut.quick or not (ddpm_run / "checkpoint.pt").is_file():
         "0,1,1",
         "--mid-blocks",
         "1",
-        "--timesteps",
-        "50",
-        "--epochs",
-        "1",
     ]
-    size = tiny if tut.quick else ["--epochs", "1"]
+    size = [*tiny, "--timesteps", "50", "--epochs", "1"] if tut.quick else ["--epochs", "1"]
     print(f"    training a DDPM ({' '.join(size)}) into {ddpm_run}")
     ddpm_train(["--out", str(ddpm_run), "--overwrite", "--data-dir", data_root, *size])
-vae = load_vae(vae_run, device)
+vae_lik, vae = load_vae(vae_lik_run, device), load_vae(vae_run, device)
 ddpm, diffusion, _ = load_model(ddpm_run, device)
-claim(f"the VAE ({vae_run.name}) has the logistic decoder", vae.config.decoder == "logistic")
+claim(
+    f"the likelihood VAE ({vae_lik_run.name}) has the logistic decoder", vae_lik.config.decoder == "logistic"
+)
+claim(f"the other VAE ({vae_run.name}) is unconditional", not vae.conditional)
 x_test, y_test = tut.mnist(train=False)
 
 # %% [markdown]
@@ -127,7 +138,7 @@ n_lik = tut.size(500, 8)
 x8 = x_test[:n_lik]
 k = tut.size(1000, 10)
 start = time.perf_counter()
-vae_bounds = evaluate_bounds(vae, to_unit(x8).reshape(n_lik, -1), None, k=k, batch_size=100)
+vae_bounds = evaluate_bounds(vae_lik, to_unit(x8).reshape(n_lik, -1), None, k=k, batch_size=100)
 vae_seconds = time.perf_counter() - start
 vae_bpd = {name: nats_to_bits_per_dim(v, 784) for name, v in vae_bounds.items()}
 start = time.perf_counter()
@@ -248,10 +259,6 @@ for name, complete in methods.items():
         f"{s['diversity']:.3f}  ({s['seconds']:.0f} s)"
     )
     claim(f"{name} keeps every observed pixel bit for bit", s["observed_kept"])
-for name in methods:
-    completion_figure(
-        digits, observed, completions[name], tut.out / f"completion_{name.split()[0].lower()}.png"
-    )
 fig, axes = plt.subplots(1, len(methods), figsize=(9, 3.5))
 for ax, name in zip(axes, methods, strict=True):
     shown = torch.where(observed[:6], digits[:6], torch.full_like(digits[:6], 128))
@@ -305,9 +312,10 @@ for ax, path, title in (
 tut.save(fig, "interpolation.png")
 
 # %% [markdown]
-# The VAE's path is smooth and every point is a plausible blur; the DDPM's points are sharp,
-# and the change of digit happens over fewer points, since most of x_T's directions change the
-# style of a digit, not which digit it is.
+# The VAE's path is smooth, and its middle points are blends: ghosts of both digits at once,
+# since the decoder's mean averages over what a point between two codes could be. The DDPM's
+# points stay sharp digits and switch from one digit to the other within a point or two: most
+# directions of x_T change how a digit is written, few change which digit it is.
 
 # %% [markdown]
 # ## 6. Sampling cost
@@ -333,9 +341,9 @@ claim("a VAE sample costs less than a DDPM sample", vae_s < ddpm_s)
 # | task | measured above | why |
 # |---|---|---|
 # | likelihood (bits/dim) | step 2 | a bound is tight where the training objective is the bound |
-# | reconstruction | step 3 | the VAE has an encoder; the DDPM inverts an ODE approximately |
+# | reconstruction | step 3 | the DDPM's inverted ODE keeps 784 numbers per digit; the VAE's code keeps 20 |
 # | completion | step 4 | the VAE's posterior is cheap and blurry; the DDPM's completions are digits |
-# | interpolation | step 5 | a 20-D code of the digit against 784 dimensions of noise |
+# | interpolation | step 5 | the VAE blends two digits; the DDPM moves between sharp ones |
 # | sampling | step 6 | one decoder pass against 14 UNet passes |
 #
 # ## Exercises
