@@ -81,6 +81,17 @@ def interval(text: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+def index_pair(text: str) -> tuple[int, int]:
+    """`A,B` -> (A, B): two test-set indices >= 0 (the ends of an interpolation)."""
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two test-image indices A,B, got {text!r}") from None
+    if a < 0 or b < 0:
+        raise argparse.ArgumentTypeError(f"expected two test-image indices A,B >= 0, got {text!r}")
+    return a, b
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     """Parse `1,3,6` into (1, 3, 6); an empty string is the empty tuple."""
     try:

@@ -17,7 +17,6 @@ Writes <out>.png (the strip: x_a, the path, x_b; then the round trips of x_a and
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import existing_run_dir, write_json
-from common.cli import ArgumentParser, UserError, nonneg_int, positive_int, user_errors
+from common.cli import ArgumentParser, UserError, index_pair, nonneg_int, positive_int, user_errors
 from common.data import DATA_DIR_HELP, load_mnist, signed_to_uint8, to_signed
 from common.runtime import pick_device
 from common.viz import save_grid
@@ -100,21 +99,10 @@ def noise_path(
     )
 
 
-def pair(text: str) -> tuple[int, int]:
-    """`--pair A,B`: two test-set indices."""
-    try:
-        a, b = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two test-image indices A,B, got {text!r}") from None
-    if a < 0 or b < 0:
-        raise argparse.ArgumentTypeError(f"expected two test-image indices A,B >= 0, got {text!r}")
-    return a, b
-
-
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ddpm.interpolate", description=__doc__)
     p.add_argument("--run", default="results/ddpm", help="run directory of ddpm.train")
-    p.add_argument("--pair", type=pair, default=(0, 1), metavar="A,B", help="test-image indices of the ends")
+    p.add_argument("--pair", type=index_pair, default=(0, 1), metavar="A,B", help="the ends: test indices")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, up and down (<= T)")
     p.add_argument("--points", type=positive_int, default=8, help="points on the path between the ends")
     p.add_argument(

@@ -15,13 +15,12 @@ posterior means of test images A and B. A model with a 2-D latent space also get
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.cli import ArgumentParser, UserError, digit, digit_list, positive_int, user_errors
+from common.cli import ArgumentParser, UserError, digit, digit_list, index_pair, positive_int, user_errors
 from common.data import DATA_DIR_HELP, load_mnist, to_unit, unit_to_uint8
 from common.runtime import pick_device
 from common.samples import save_samples
@@ -42,18 +41,6 @@ def load_vae(run: str | Path, device: torch.device) -> VAE:
     return model.to(device).eval()
 
 
-def pair(text: str) -> tuple[int, int]:
-    """Parse `--interpolate A,B` (two test-set indices)."""
-    parts = text.split(",")
-    try:
-        a, b = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two test-image indices A,B, got {text!r}") from None
-    if a < 0 or b < 0:
-        raise argparse.ArgumentTypeError(f"expected two test-image indices A,B >= 0, got {text!r}")
-    return a, b
-
-
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vaegen.sample", description=__doc__)
     p.add_argument("--run", default="results/vae", help="run directory (or its checkpoint.pt)")
@@ -67,7 +54,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
     p.add_argument("--out", default=None, help="samples file (.npz); default <run>/samples.npz")
     p.add_argument(
-        "--interpolate", type=pair, default=None, metavar="A,B",
+        "--interpolate", type=index_pair, default=None, metavar="A,B",
         help="also write a latent interpolation strip between test images A and B (indices)",
     )
     p.add_argument("--steps", type=positive_int, default=10, help="points on the interpolation line")

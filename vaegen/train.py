@@ -38,7 +38,7 @@ from common.checkpoint import (
     truncate_csv,
     write_json,
 )
-from common.cli import ArgumentParser, UserError, positive_float, positive_int, unit_float, user_errors
+from common.cli import ArgumentParser, positive_float, positive_int, unit_float, user_errors
 from common.config import from_args, from_dict, given_fields, nested, option, resume_config
 from common.data import DATA_DIR_HELP, binarize, load_mnist, to_unit
 from common.distributions import nats_to_bits_per_dim
@@ -82,6 +82,10 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", resume="flag")
     data_dir: str | None = option(None, DATA_DIR_HELP, str, resume="flag")
     model: VAEConfig = nested(VAEConfig)
+
+    def __post_init__(self) -> None:
+        if self.binarize and self.model.decoder != "bernoulli":
+            raise ValueError("--binarize needs --decoder bernoulli: binary pixels have no 256 levels")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -130,8 +134,6 @@ def train(
 ) -> dict[str, Any]:
     """The training loop; `d` says which rank of how many this process is (1 without torchrun).
     `flags`: the fields the command line set, which a resumed run takes or refuses (`resume_config`)."""
-    if cfg.binarize and cfg.model.decoder != "bernoulli":
-        raise UserError("--binarize needs --decoder bernoulli: binary pixels have no 256 levels to model")
     out = open_run_dir(cfg.out, d, resume, overwrite)
     ckpt = load_checkpoint(out, "vae", map_location=d.device) if resume else None
     cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg, flags) if ckpt else cfg
