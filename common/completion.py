@@ -41,13 +41,10 @@ Completer = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor
 def make_masks(kind: str, n: int, size: int = 28) -> torch.Tensor:
     """Which pixels are observed, bool [n, size, size] (True = known): the top half, the left half, or
     each pixel with probability 1/2 (MASK_SEED; mask i is the same whatever n)."""
-    if kind == "top":
+    if kind in ("top", "left"):
         mask = torch.zeros(size, size, dtype=torch.bool)
-        mask[: size // 2] = True
-        return mask.expand(n, size, size).clone()
-    if kind == "left":
-        mask = torch.zeros(size, size, dtype=torch.bool)
-        mask[:, : size // 2] = True
+        half = mask[: size // 2] if kind == "top" else mask[:, : size // 2]
+        half.fill_(True)
         return mask.expand(n, size, size).clone()
     if kind == "random":
         g = torch.Generator().manual_seed(MASK_SEED)  # drawn for the whole test set: mask i is fixed
